@@ -1,0 +1,272 @@
+"""Everything that reads or writes weights: base checkpoints, adapter files, resume state.
+
+Only safe loaders are used: safetensors, or `torch.load(weights_only=True)` on the CPU (Q15). Base weights
+must load completely: a missing or mis-shaped tensor is an error, never a silently random weight (Q14).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from steps.common import InputError, atomic_write
+from steps.lora import LoRAConfig, lora_state_dict
+from steps.model import CARDS, GPT2, GPT2Config
+
+ADAPTER_FORMAT = "nlg-lora-adapter"
+ADAPTER_VERSION = 1
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Hugging Face / the original store these as Conv1D weights, [in, out]; we use nn.Linear's [out, in].
+_CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# Keys a GPT-2 checkpoint may hold that are not weights of ours: causal-mask buffers and the (tied) LM head.
+_IGNORED = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|^lm_head\..*|\.lora_[AB])$")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, or a PyTorch pickle with weights_only=True (never arbitrary code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("checkpoint file not found; give the path of a model.safetensors or pytorch_model.bin file", path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        except Exception as exc:
+            raise InputError(f"not a readable safetensors file ({exc})", path) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(
+            f"cannot load as a weights-only PyTorch file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "files that need arbitrary code to unpickle are refused; convert it to safetensors",
+            path,
+        ) from None
+    if isinstance(obj, dict) and "model_state_dict" in obj:  # the original trainer's wrapper
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError("expected a state dict (a mapping of names to tensors)", path)
+    return obj
+
+
+def normalise_key(key: str) -> str:
+    """Map the key spellings found in GPT-2 checkpoints to ours (Q14).
+
+    Accepts Hugging Face GPT2Model (`h.0...`), GPT2LMHeadModel (`transformer.h.0...`), the original trainer's
+    DDP dumps (`module.transformer.h.0...`) and OpenAI's TF-converted suffixes (`.g`, `.b`, `.w`).
+    """
+    for prefix in ("module.", "transformer."):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return re.sub(r"\.(g|w)$", ".weight", re.sub(r"\.b$", ".bias", key))
+
+
+def load_base_weights(model: GPT2, path: str | os.PathLike) -> list[str]:
+    """Load pretrained GPT-2 weights into `model`; return the checkpoint keys that were ignored.
+
+    Fails, naming the tensors, when a base weight is missing or has the wrong shape (for example a gpt2.md
+    checkpoint with `--model_card gpt2.sm`).
+    """
+    raw = read_tensors(path)
+    tensors: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for key, value in raw.items():
+        name = normalise_key(key)
+        if _IGNORED.search(name):
+            ignored.append(key)
+            continue
+        tensors[name] = value.t() if _CONV1D.search(name) else value
+    expected = {k: p for k, p in model.named_parameters() if "lora_" not in k}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(p.shape)}"
+             for k, p in expected.items() if k in tensors and tensors[k].shape != p.shape]
+    if missing or wrong:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing base weights (e.g. {', '.join(missing[:4])})")
+        if wrong:
+            problems.append(f"{len(wrong)} mis-shaped (e.g. {'; '.join(wrong[:3])})")
+        hint = _guess_card(tensors)
+        raise InputError(
+            f"checkpoint does not match model card ({'; '.join(problems)})."
+            + (f" It looks like {hint}: pass --model_card {hint}." if hint else " Is this a GPT-2 checkpoint?"),
+            path,
+        )
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(tensors[k])
+    return ignored + unexpected
+
+
+def _guess_card(tensors: dict[str, torch.Tensor]) -> str | None:
+    wte = tensors.get("wte.weight")
+    n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
+    for name, cfg in CARDS.items():
+        if wte is not None and wte.shape[1] == cfg.n_embd and n_layer == cfg.n_layer:
+            return name
+    return None
+
+
+def base_identity(path: str | os.PathLike | None) -> dict[str, Any]:
+    """What an adapter records about its base: the file and its sha256 (decode refuses a different base)."""
+    if path is None:
+        return {"path": None, "sha256": None}
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+def save_hf_checkpoint(model: GPT2, path: str | os.PathLike) -> None:
+    """Write the base weights in Hugging Face's GPT2Model safetensors layout (Conv1D weights as [in, out])."""
+    tensors = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        tensors[name] = (p.detach().t() if _CONV1D.search(name) else p.detach()).contiguous().cpu()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+
+
+def adapter_config(model: GPT2, model_card: str, base: dict[str, Any], step: int, **extra: Any) -> dict[str, Any]:
+    cfg, lora = model.config, model.lora_config
+    return {
+        "format": ADAPTER_FORMAT,
+        "version": ADAPTER_VERSION,
+        "model_card": model_card,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "vocab_size": cfg.vocab_size,
+        "r": lora.r,
+        "alpha": lora.alpha,
+        "targets": list(lora.targets),
+        "dropout": lora.dropout,
+        "base": base,
+        "step": step,
+        "trainable_params": sum(v.numel() for v in lora_state_dict(model).values()),
+        **extra,
+    }
+
+
+def save_adapter(model: GPT2, out_dir: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Write adapter.safetensors + adapter_config.json (LoRA tensors only, never the base)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    tmp = out_dir / f".{ADAPTER_WEIGHTS}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT, "step": str(config["step"])})
+    os.replace(tmp, out_dir / ADAPTER_WEIGHTS)
+    with atomic_write(out_dir / ADAPTER_CONFIG) as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
+def load_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an adapter: our directory (or its .safetensors file), or an original-trainer `model.<step>.pt`.
+
+    Original files carry no config: rank, width and depth are read off the tensor shapes (q, v adapted, as the
+    original always did) and alpha must be given (`lora_alpha`), exactly as the original needed it retyped.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_WEIGHTS
+    if path.suffix == ".safetensors":
+        config_path = path.with_name(ADAPTER_CONFIG)
+        if not config_path.is_file():
+            raise InputError(f"adapter config {ADAPTER_CONFIG} not found next to the weights", path)
+        config = json.loads(config_path.read_text())
+        if config.get("format") != ADAPTER_FORMAT or config.get("version") != ADAPTER_VERSION:
+            raise InputError(f"unsupported adapter format {config.get('format')!r} v{config.get('version')}", config_path)
+        return read_tensors(path), config
+    return _import_original_adapter(path, lora_alpha)
+
+
+def _import_original_adapter(path: Path, lora_alpha: float | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    raw = read_tensors(path)
+    tensors = {normalise_key(k): v for k, v in raw.items() if ".lora_" in k}
+    if not tensors:
+        raise InputError("no LoRA tensors (keys containing 'lora_A'/'lora_B') in this checkpoint", path)
+    if lora_alpha is None:
+        raise InputError("original-format LoRA checkpoints do not record alpha; pass --lora_alpha (the README used 32)", path)
+    a0 = tensors["h.0.attn.c_attn.lora_A"]
+    n_layer = len({k.split(".")[1] for k in tensors})
+    n_embd, r = a0.shape[1], a0.shape[0] // 2
+    model_card = next((name for name, c in CARDS.items() if c.n_embd == n_embd and c.n_layer == n_layer), None)
+    if model_card is None:
+        raise InputError(f"LoRA tensors for n_embd={n_embd}, {n_layer} layers match no model card", path)
+    cfg = CARDS[model_card]
+    config = {
+        "format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "model_card": model_card,
+        "n_embd": n_embd, "n_layer": n_layer, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size,
+        "r": r, "alpha": lora_alpha, "targets": ["q", "v"], "dropout": 0.0,
+        "base": {"path": None, "sha256": None}, "step": _step_from_name(path.name),
+        "imported_from": str(path),
+    }
+    return tensors, config
+
+
+def _step_from_name(name: str) -> int | None:
+    match = re.search(r"\.(\d+)\.pt$", name)
+    return int(match.group(1)) if match else None
+
+
+def lora_config_of(config: dict[str, Any]) -> LoRAConfig:
+    return LoRAConfig(r=config["r"], alpha=config["alpha"], dropout=0.0, targets=tuple(config["targets"]))
+
+
+def model_config_of(config: dict[str, Any]) -> GPT2Config:
+    return GPT2Config(n_embd=config["n_embd"], n_layer=config["n_layer"], n_head=config["n_head"],
+                      vocab_size=config.get("vocab_size", 50257))
+
+
+def apply_adapter(model: GPT2, tensors: dict[str, torch.Tensor], source: str | os.PathLike = "adapter") -> None:
+    """Copy LoRA tensors into the model; every LoRA parameter must be present with the right shape."""
+    expected = {k: p for k, p in model.named_parameters() if "lora_" in k}
+    missing = sorted(set(expected) - set(tensors))
+    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    extra = sorted(set(tensors) - set(expected))
+    if missing or wrong or extra:
+        raise InputError(
+            f"adapter does not fit the model: missing {missing[:3]}, mis-shaped {wrong[:3]}, unexpected {extra[:3]}", source
+        )
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(tensors[k])
+
+
+# ----------------------------------------------------------------------------------------------- resume state
+
+
+def save_resume_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Atomically write the resume state (tensors and plain Python values only: weights_only-loadable)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)

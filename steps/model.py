@@ -1,0 +1,193 @@
+"""GPT-2, readable top to bottom.
+
+Same architecture and numerics as the original LoRA example's model.py (and Hugging Face's GPT-2):
+pre-LayerNorm blocks, tanh-approximated GELU, learned positions, LM head tied to the token embedding,
+no dropout anywhere (the only dropout lives in the LoRA branch). Weights use `nn.Linear`'s (out, in)
+layout; `steps.checkpoints` transposes Hugging Face's Conv1D (in, out) weights on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from steps.lora import LoRAConfig, LoRAQKV
+
+# One layer's cache: keys and values, each [batch, heads, time, head_dim].
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    layer_norm_epsilon: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# The reference's model cards, plus a tiny one for tests and CPU demos (same vocabulary, so real token ids work).
+CARDS: dict[str, GPT2Config] = {
+    "gpt2.sm": GPT2Config(n_embd=768, n_layer=12, n_head=12),
+    "gpt2.md": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2.lg": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2.tiny": GPT2Config(n_embd=128, n_layer=2, n_head=2),
+}
+
+
+def card(name: str) -> GPT2Config:
+    """Look up a model card by name, with an error that lists the choices."""
+    if name not in CARDS:
+        from steps.common import InputError
+
+        raise InputError(f"unknown model card {name!r}; choose one of {', '.join(CARDS)}")
+    return CARDS[name]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config, lora: LoRAConfig | None):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = LoRAQKV(cfg.n_embd, lora)  # fused q, k, v projection with optional LoRA on some of them
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, past: KV | None, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        if attn_mask is None and past is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v)  # one new token attends to the whole cache (T == 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config, lora: LoRAConfig | None):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg, lora)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, past: KV | None, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
+        a, present = self.attn(self.ln_1(x), past, attn_mask)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+class GPT2(nn.Module):
+    def __init__(self, cfg: GPT2Config, lora: LoRAConfig | None = None):
+        super().__init__()
+        self.config = cfg
+        self.lora_config = lora
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg, lora) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2's init: N(0, 0.02) weights, zero biases. LoRA keeps its own init (A Kaiming, B zero).
+
+        Pretrained weights overwrite all of this; it matters for random bases (tests, the offline demo).
+        """
+        for name, p in self.named_parameters():
+            if "lora_" in name:
+                continue
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "ln_" in name:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Final hidden states [B, T, C] (after ln_f) and the new per-layer KV cache.
+
+        `attention_mask` ([B, T_total] bool, True = real token) is only needed for left-padded batches;
+        without it attention is plain causal (right padding is harmless: padded positions come last).
+        """
+        B, T = input_ids.shape
+        past_len = 0 if past is None else past[0][0].shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).unsqueeze(0)
+        if position_ids.max() >= self.config.n_positions:
+            raise ValueError(f"sequence position {int(position_ids.max())} exceeds n_positions={self.config.n_positions}")
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        if attention_mask is None and past is not None and T > 1:  # several new tokens over a cache: causal with offset
+            attention_mask = torch.ones(B, past_len + T, dtype=torch.bool, device=input_ids.device)
+        mask = None if attention_mask is None else _attention_bias(attention_mask, T)
+        presents: list[KV] = []
+        for i, block in enumerate(self.h):
+            x, present = block(x, None if past is None else past[i], mask)
+            presents.append(present)
+        return self.ln_f(x), presents
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied LM head: hidden @ wte^T. Called only on the positions that need logits."""
+        return F.linear(hidden, self.wte.weight)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.logits(self.hidden(input_ids, **kwargs)[0])
+
+    def merge_lora(self) -> None:
+        """Fold every LoRA update into its base weight (inference: no extra matmuls)."""
+        for block in self.h:
+            block.attn.c_attn.merge()
+
+    def unmerge_lora(self) -> None:
+        """Undo `merge_lora` exactly (the unmerged weight is restored bit for bit)."""
+        for block in self.h:
+            block.attn.c_attn.unmerge()
+
+
+def _attention_bias(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Boolean [B, 1, T, T_total] mask: causal over the last q_len positions, padding keys hidden.
+
+    A query always sees itself, so a padding query never has an empty row (SDPA would return NaN there);
+    its output is unused anyway.
+    """
+    t_total = key_mask.shape[1]
+    q_pos = torch.arange(t_total - q_len, t_total, device=key_mask.device).unsqueeze(1)
+    k_pos = torch.arange(t_total, device=key_mask.device).unsqueeze(0)
+    causal = k_pos <= q_pos
+    allowed = causal.unsqueeze(0) & key_mask.unsqueeze(1)
+    allowed = allowed | (k_pos == q_pos).unsqueeze(0)
+    return allowed.unsqueeze(1)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
