@@ -1,0 +1,113 @@
+"""Encoded JSONL -> training examples and batches, with the original FT_Dataset's semantics.
+
+An example is the token sequence `context + completion` with, at every position t, the target token t+1 and a
+loss-mask bit (REFERENCE 3.3). Batches are padded to their own longest sequence, not to --seq_len (Q5); the
+`fixed` pad mode reproduces the reference's padding for comparisons. Each process of a distributed run takes
+its own slice of a seeded per-epoch permutation, exactly as torch's DistributedSampler would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from steps.common import InputError, iter_jsonl
+
+EOS = 50256
+
+
+@dataclass(frozen=True)
+class Example:
+    input: list[int]
+    target: list[int]
+    mask: list[int]
+    truncated: bool = False
+
+
+def load_encoded(path: str | os.PathLike, vocab_size: int = 50257) -> list[tuple[list[int], list[int]]]:
+    """Read `{"context": [ids], "completion": [ids]}` lines, checking types and id range before any compute."""
+    pairs = []
+    for line, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("context"), list) or not isinstance(obj.get("completion"), list):
+            raise InputError('expected {"context": [token ids], "completion": [token ids]} (run steps.encode first)', path, line)
+        for key in ("context", "completion"):
+            ids = obj[key]
+            bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise InputError(f"{key} holds {bad!r}, not a token id in [0, {vocab_size}); was it encoded for another vocabulary?", path, line)
+        if not obj["completion"]:
+            raise InputError("empty completion: nothing to learn from this line", path, line)
+        pairs.append((obj["context"], obj["completion"]))
+    if not pairs:
+        raise InputError("no examples in file (it is empty)", path)
+    return pairs
+
+
+def build_example(context: list[int], completion: list[int], seq_len: int, obj: str = "clm", truncation: str = "fix") -> Example:
+    """input/target/mask for one pair, unpadded (REFERENCE 3.3, prefix/infix lengths 0).
+
+    `clm` trains only the completion targets (the final EOS included); `jlm` every next token.
+    Truncation when the pair is longer than seq_len: `fix` (Q7) drops context tokens from the left so every
+    completion target is still trained; `reference` keeps the first seq_len tokens as the original did, which
+    loses the last target and, when the context alone fills seq_len, the whole example.
+    """
+    seq = context + completion
+    truncated = len(seq) > seq_len
+    if truncated and truncation == "fix":
+        keep_completion = min(len(completion), seq_len - 1)
+        keep_context = seq_len - keep_completion
+        context, completion = context[len(context) - keep_context :], completion[:keep_completion]
+        seq = context + completion
+    n = min(len(seq), seq_len)
+    inputs = seq[:n]
+    targets = (seq[1 : n + 1] + [0])[:n]  # position t predicts token t+1; the last real token predicts padding
+    if obj == "jlm":
+        mask = [1] * (n - 1) + [0]
+    else:  # the ones sit exactly where the target is a completion token (when nothing was cut from the end)
+        mask = ([0] * max(0, len(context) - 1) + [1] * max(0, n - len(context)) + [0] * n)[:n]
+    return Example(inputs, targets, mask, truncated)
+
+
+def build_examples(pairs: list[tuple[list[int], list[int]]], seq_len: int, obj: str = "clm", truncation: str = "fix") -> list[Example]:
+    return [build_example(c, p, seq_len, obj, truncation) for c, p in pairs]
+
+
+def collate(examples: list[Example], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad with zeros to the batch's longest example (or to `pad_to`): harmless under causal attention."""
+    length = pad_to or max(len(e.input) for e in examples)
+    batch = {"input": torch.zeros(len(examples), length, dtype=torch.long),
+             "target": torch.zeros(len(examples), length, dtype=torch.long),
+             "mask": torch.zeros(len(examples), length)}
+    for row, e in enumerate(examples):
+        n = len(e.input)
+        batch["input"][row, :n] = torch.tensor(e.input)
+        batch["target"][row, :n] = torch.tensor(e.target)
+        batch["mask"][row, :n] = torch.tensor(e.mask, dtype=torch.float)
+    return batch
+
+
+def epoch_batches(n_examples: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's batches (lists of example indices) for one epoch.
+
+    The permutation is torch's `randperm` seeded with seed + epoch, as DistributedSampler does. Instead of
+    the original's random fill from a private RNG whose state drifts (Q6), the last partial round is filled
+    with indices drawn from the same seeded generator, so every rank gets ceil(N / (world * batch)) full batches
+    and the order depends only on (seed, epoch): a resumed run sees exactly the same batches.
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    per_round = world_size * batch_size
+    total = math.ceil(n_examples / per_round) * per_round
+    order += torch.randint(n_examples, (total - n_examples,), generator=generator).tolist()
+    mine = order[rank::world_size]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def shard_sequential(n_examples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """Validation batches: contiguous shards, no duplicates, no padding examples (Q8); the last batch may be short."""
+    per_rank = math.ceil(n_examples / world_size)
+    indices = list(range(rank * per_rank, min(n_examples, (rank + 1) * per_rank)))
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
