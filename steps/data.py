@@ -89,21 +89,41 @@ def collate(examples: list[Example], pad_to: int | None = None) -> dict[str, tor
     return batch
 
 
-def epoch_batches(n_examples: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's batches (lists of example indices) for one epoch.
+def epoch_updates(
+    lengths: list[int], batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
+    grad_acc: int = 1, bucket_window: int = 0,
+) -> list[list[list[int]]]:
+    """This rank's work for one epoch: a list of updates, each a list of `grad_acc` micro-batches of indices.
 
-    The permutation is torch's `randperm` seeded with seed + epoch, as DistributedSampler does. Instead of
-    the original's random fill from a private RNG whose state drifts (Q6), the last partial round is filled
-    with indices drawn from the same seeded generator, so every rank gets ceil(N / (world * batch)) full batches
-    and the order depends only on (seed, epoch): a resumed run sees exactly the same batches.
+    The order is torch's `randperm` seeded with seed + epoch, and rank r takes every world-th index of each
+    round, exactly as DistributedSampler. Instead of the original's random fill from a private RNG whose state
+    drifts (Q6), the last partial update is filled with indices drawn from the same seeded generator, so the
+    order depends only on (seed, epoch) and a resumed run sees exactly the same batches.
+
+    With `bucket_window` > 0, each window of that many examples is sorted by length before being cut into
+    updates, and the updates are then shuffled: batches hold similar lengths, so little compute goes to padding.
+    An update always takes world * batch * grad_acc consecutive examples of the order, so 2 processes x batch 4,
+    1 process x batch 8 and batch 4 x grad_acc 2 train on exactly the same examples in each update.
     """
+    n = len(lengths)
     generator = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n_examples, generator=generator).tolist()
-    per_round = world_size * batch_size
-    total = math.ceil(n_examples / per_round) * per_round
-    order += torch.randint(n_examples, (total - n_examples,), generator=generator).tolist()
-    mine = order[rank::world_size]
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    order = torch.randperm(n, generator=generator).tolist()
+    per_update = world_size * batch_size * grad_acc
+    total = math.ceil(n / per_update) * per_update
+    order += torch.randint(n, (total - n,), generator=generator).tolist()
+    updates = [order[i : i + per_update] for i in range(0, total, per_update)]
+    if bucket_window > 0:
+        window = max(1, bucket_window // per_update) * per_update
+        by_length = []
+        for start in range(0, total, window):
+            by_length += sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+        updates = [by_length[i : i + per_update] for i in range(0, total, per_update)]
+        updates = [updates[i] for i in torch.randperm(len(updates), generator=generator).tolist()]
+    per_micro = world_size * batch_size
+    return [
+        [update[k * per_micro : (k + 1) * per_micro][rank::world_size] for k in range(grad_acc)]
+        for update in updates
+    ]
 
 
 def shard_sequential(n_examples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steps.common import InputError
-from steps.data import build_example, collate, epoch_batches, load_encoded, shard_sequential
+from steps.data import build_example, collate, epoch_updates, load_encoded, shard_sequential
 
 CONTEXT, COMPLETION = [10, 11, 12, 50256], [20, 21, 50256]
 
@@ -54,16 +54,37 @@ def test_dynamic_padding_pads_to_the_longest_in_batch():
     assert batch["mask"][0].tolist() == [0, 1, 1, 0, 0, 0, 0]
 
 
-def test_epoch_batches_match_distributed_sampler_and_cover_every_example():
+def flat(updates):
+    return [i for update in updates for micro in update for i in micro]
+
+
+def test_epoch_updates_follow_distributed_sampler_order_and_cover_every_example():
     n, bs = 23, 4
-    single = epoch_batches(n, bs, world_size=1, rank=0, seed=110, epoch=1)
+    single = epoch_updates([5] * n, bs, world_size=1, rank=0, seed=110, epoch=1)
     expected = torch.randperm(n, generator=torch.Generator().manual_seed(111)).tolist()
-    assert [i for b in single for i in b][:n] == expected
-    assert len(single) == 6 and all(len(b) == bs for b in single)
-    ranks = [epoch_batches(n, 2, world_size=2, rank=r, seed=110, epoch=1) for r in (0, 1)]
-    first_rounds = [sorted(ranks[0][k] + ranks[1][k]) for k in range(len(ranks[0]))]
-    assert first_rounds[0] == sorted(expected[:4])  # 2 ranks x batch 2 see the same 4 examples as 1 rank x batch 4
-    assert epoch_batches(n, bs, 1, 0, 110, 2) != single
+    assert flat(single)[:n] == expected
+    assert len(single) == 6 and all(len(u) == 1 and len(u[0]) == bs for u in single)
+    assert epoch_updates([5] * n, bs, 1, 0, 110, 2) != single
+
+
+@pytest.mark.parametrize("bucket_window", [0, 16])
+def test_world_batch_and_grad_acc_splits_see_the_same_examples_per_update(bucket_window):
+    lengths = [(7 * i) % 13 + 1 for i in range(37)]
+    one = epoch_updates(lengths, 8, 1, 0, seed=3, epoch=1, bucket_window=bucket_window)
+    two = [epoch_updates(lengths, 4, 2, r, seed=3, epoch=1, bucket_window=bucket_window) for r in (0, 1)]
+    acc = epoch_updates(lengths, 4, 1, 0, seed=3, epoch=1, grad_acc=2, bucket_window=bucket_window)
+    for k, update in enumerate(one):
+        assert sorted(update[0]) == sorted(two[0][k][0] + two[1][k][0]) == sorted(acc[k][0] + acc[k][1])
+
+
+def test_bucketing_groups_similar_lengths():
+    lengths = [i % 50 + 1 for i in range(400)]
+    plain = epoch_updates(lengths, 8, 1, 0, seed=0, epoch=1)
+    bucketed = epoch_updates(lengths, 8, 1, 0, seed=0, epoch=1, bucket_window=200)
+    def padding(updates):
+        return sum(max(lengths[i] for i in u[0]) * 8 - sum(lengths[i] for i in u[0]) for u in updates)
+    assert padding(bucketed) < padding(plain) / 4
+    assert sorted(flat(bucketed)) == sorted(flat(plain))  # same examples, different grouping
 
 
 def test_validation_shards_cover_each_example_once():
