@@ -1,0 +1,165 @@
+"""The trainer end to end on gpt2.tiny: outputs, loss, equivalences (grad_acc, DDP), resume after kill -9, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_run_args, write_base
+
+from steps.checkpoints import load_adapter, read_tensors
+from steps.data import build_examples, collate, load_encoded
+from steps.lora import LoRAConfig
+from steps.model import CARDS, GPT2
+from steps.train import main, masked_lm_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def adapter_tensors(work_dir: Path) -> dict[str, torch.Tensor]:
+    return read_tensors(work_dir / "adapter.safetensors")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_learns_and_writes_every_output(tmp_path):
+    work = tmp_path / "run"
+    assert main(tiny_run_args(tmp_path / "data", work, max_step=30, lr=3e-2, log_interval=5, eval_interval=10, save_interval=10)) == 0
+    train_log = read_csv(work / "train_log.csv")
+    assert [int(r["step"]) for r in train_log] == [5, 10, 15, 20, 25, 30]
+    assert float(train_log[-1]["nll"]) < float(train_log[0]["nll"]) - 0.2  # a random tiny base learns slowly, but it learns
+    assert all(float(r["loss"]) > float(r["nll"]) for r in train_log)  # label smoothing adds to the NLL here
+    valid_log = read_csv(work / "valid_log.csv")
+    assert [int(r["step"]) for r in valid_log] == [10, 20, 30]
+    valid_losses = [float(r["valid_loss"]) for r in valid_log]
+    assert valid_losses == sorted(valid_losses, reverse=True)
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["step_10", "step_20", "step_30"]
+    tensors, config = load_adapter(work)
+    assert set(tensors) == {f"h.{i}.attn.c_attn.lora_{m}" for i in range(2) for m in "AB"}  # LoRA only, never the base
+    assert config["step"] == 30 and config["r"] == 4 and config["alpha"] == 32 and config["model_card"] == "gpt2.tiny"
+    assert config["base"]["sha256"] and len(config["base"]["sha256"]) == 64
+    assert (work / "best" / "adapter.safetensors").is_file()
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["best_valid_loss"] == pytest.approx(min(float(r["valid_loss"]) for r in valid_log))
+
+
+def test_masked_loss_equals_direct_label_smoothed_cross_entropy(tmp_path):
+    from helpers import write_encoded
+
+    torch.manual_seed(0)
+    model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=2, alpha=4))
+    pairs = load_encoded(write_encoded(tmp_path / "d.jsonl", 6, seed=3))
+    batch = collate(build_examples(pairs, 512))
+    eps = 0.1
+    loss_sum, nll_sum = masked_lm_loss(model, batch, eps)
+    with torch.no_grad():
+        logp = F.log_softmax(model(batch["input"]), dim=-1)  # every position, like the original
+        nll = -logp.gather(-1, batch["target"].unsqueeze(-1)).squeeze(-1)
+        smooth = -logp.mean(dim=-1)
+        per_token = (1 - eps) * nll + eps * smooth
+        m = batch["mask"]
+        expected = (per_token * m).sum() / (m.sum() + 1e-4)  # REFERENCE 4.3 reduction
+    assert torch.allclose(loss_sum / (m.sum() + 1e-4), expected, rtol=1e-5)
+    assert torch.allclose(nll_sum, (nll * m).sum(), rtol=1e-5)
+
+
+def test_fixed_padding_gives_the_same_losses_as_dynamic_padding(tmp_path):
+    dynamic, fixed = tmp_path / "dyn", tmp_path / "fixed"
+    assert main(tiny_run_args(tmp_path / "data", dynamic, max_step=4, seq_len=64)) == 0
+    assert main(tiny_run_args(tmp_path / "data", fixed, max_step=4, seq_len=64, pad="fixed")) == 0
+    a, b = adapter_tensors(dynamic), adapter_tensors(fixed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    for r1, r2 in zip(read_csv(dynamic / "train_log.csv"), read_csv(fixed / "train_log.csv")):
+        assert float(r1["loss"]) == pytest.approx(float(r2["loss"]), rel=1e-5)
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    full, accumulated = tmp_path / "full", tmp_path / "acc"
+    assert main(tiny_run_args(tmp_path / "data", full, max_step=3, train_batch_size=8)) == 0
+    assert main(tiny_run_args(tmp_path / "data", accumulated, max_step=3, train_batch_size=4, grad_acc=2)) == 0
+    a, b = adapter_tensors(full), adapter_tensors(accumulated)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B"))  # it really trained
+
+
+def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main(tiny_run_args(tmp_path / "data", single, max_step=3, train_batch_size=8, lora_dropout=0.0)) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "steps.train"]
+    result = _run(torchrun + tiny_run_args(tmp_path / "data", ddp, max_step=3, train_batch_size=4, lora_dropout=0.0))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world 2" in result.stdout
+    a, b = adapter_tensors(single), adapter_tensors(ddp)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    v1, v2 = read_csv(single / "valid_log.csv"), read_csv(ddp / "valid_log.csv")
+    assert float(v1[-1]["valid_loss"]) == pytest.approx(float(v2[-1]["valid_loss"]), rel=1e-5)  # sharded + all-reduced
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
+    args = dict(max_step=120, save_interval=10, log_interval=10, eval_interval=40, lora_dropout=0.1)
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    assert main(tiny_run_args(tmp_path / "data", reference, **args)) == 0
+    cmd = [sys.executable, "-m", "steps.train", *tiny_run_args(tmp_path / "data", interrupted, **args)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = interrupted / "resume" / "state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (interrupted / "summary.json").exists(), "the run finished before it could be killed"
+    result = _run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    a, b = adapter_tensors(reference), adapter_tensors(interrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise, fp32 on CPU
+    steps = [int(r["step"]) for r in read_csv(interrupted / "train_log.csv")]
+    assert steps == list(range(10, 121, 10))  # no duplicated or lost log rows across the restart
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"model_card": "gpt2.xl"}, "unknown model card"),
+        ({"lora_dim": 4096}, "exceeds the model width"),
+        ({"model_card": "gpt2.sm"}, "does not match model card"),
+        ({"train_data": "/nonexistent/train.jsonl"}, "file not found"),
+    ],
+)
+def test_bad_input_fails_before_any_compute(tmp_path, capsys, override, message):
+    assert main(tiny_run_args(tmp_path / "data", tmp_path / "run", **override)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_base_for_another_card_names_the_right_card(tmp_path, capsys):
+    other = write_base(tmp_path / "md.safetensors", card="gpt2.tiny")
+    assert main(tiny_run_args(tmp_path / "data", tmp_path / "run", init_checkpoint=other, model_card="gpt2.sm")) == 2
+    assert "pass --model_card gpt2.tiny" in capsys.readouterr().err
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    work = tmp_path / "run"
+    code = main(tiny_run_args(tmp_path / "data", work, lr=1e30, warmup_step=0, max_step=20, log_interval=1, save_interval=1))
+    assert code == 3
+    assert "loss became" in capsys.readouterr().err
+    assert not (work / "adapter.safetensors").exists()
