@@ -1,0 +1,263 @@
+"""Metric implementations against hand-computed values (from the formulas) and against pycocoevalcap."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from steps import e2e_metrics as m
+
+needs_java = pytest.mark.skipif(not m.java_available(), reason="java is not installed")
+
+
+# ---------------------------------------------------------------- mteval tokenisation
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("Hello, world.", ["Hello", ",", "world", "."]),
+        ("It costs 3.5 or 1,000 pounds.", ["It", "costs", "3.5", "or", "1,000", "pounds", "."]),
+        ("£20-25 and e-mail", ["£20", "-", "25", "and", "e-mail"]),  # '-' splits only after a digit; '£' is no symbol
+        ("it's (cheap)!", ["it's", "(", "cheap", ")", "!"]),
+        ("a &amp; b &quot;c&quot;", ["a", "&", "b", '"', "c", '"']),
+        ("  spaced\tout  ", ["spaced", "out"]),
+        ("", [""]),  # pymteval quirk: an empty line is one empty token
+    ],
+)
+def test_mteval_tokenize(text: str, tokens: list[str]) -> None:
+    assert m.mteval_tokenize(text) == tokens
+
+
+# ---------------------------------------------------------------- BLEU
+
+
+def test_bleu_perfect_match_is_one() -> None:
+    assert m.corpus_bleu(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_bleu_brevity_penalty() -> None:
+    # Every n-gram of the 4-word hypothesis is in the 6-word reference: precisions 1, BP = exp(1 - 6/4).
+    assert m.corpus_bleu(["the cat sat on"], [["the cat sat on the mat"]]) == pytest.approx(math.exp(1 - 6 / 4), rel=1e-12)
+
+
+def test_bleu_closest_reference_length_ties_go_to_the_shorter() -> None:
+    # c = 5, references of 4 and 6 words are equally close; the shorter one (4) gives c > r, so BP = 1.
+    assert m.corpus_bleu(["a b c d e"], [["a b c d", "a b c d e f"]]) == pytest.approx(1.0, abs=1e-12)
+    # With only the 6-word reference, BP = exp(1 - 6/5).
+    assert m.corpus_bleu(["a b c d e"], [["a b c d e f"]]) == pytest.approx(math.exp(1 - 6 / 5), rel=1e-12)
+
+
+def test_bleu_clipping_and_zero_floors() -> None:
+    # "the" matches at most once (clipped by the reference count); higher orders have no hits and use pymteval's floors.
+    expected = math.exp((math.log(1 / 4) + math.log(1e-15 / 3) + math.log(1e-15 / 2) + math.log(1e-15 / 1)) / 4)
+    assert m.corpus_bleu(["the the the the"], [["the cat"]]) == pytest.approx(expected, rel=1e-12)
+    assert m.corpus_bleu(["the the the the"], [["the cat"]], zero_if_no_match=True) == 0.0
+
+
+def test_bleu_clips_against_the_best_single_reference_not_the_sum() -> None:
+    # "a" appears once in each reference: the ceiling is 1, not 2. p1 = 1/2, p2..p4 floored.
+    expected = math.exp((math.log(1 / 2) + math.log(1e-15 / 1) + math.log(1e-15 / 1e-9) + math.log(1e-15 / 1e-9)) / 4)
+    assert m.corpus_bleu(["a a"], [["a b", "b a"]]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_bleu_is_case_insensitive_unless_asked() -> None:
+    assert m.corpus_bleu(["The Cat Sat Down"], [["the cat sat down"]]) == pytest.approx(1.0)
+    assert m.corpus_bleu(["The Cat Sat Down"], [["the cat sat down"]], lowercase=False, zero_if_no_match=True) == 0.0
+
+
+def test_bleu_adds_negative_ngram_totals_of_short_hypotheses_like_pymteval() -> None:
+    # hyp1 = ref1 has 6 words; hyp2 = ref2 has 1 word and contributes 1-n+1 (< 0) candidate n-grams for n >= 3.
+    # p1 = 7/7, p2 = 5/5, p3 = 4/(4-1), p4 = 3/(3-2); c = r = 7 so BP = 1; BLEU = (4/3 * 3)^(1/4) = sqrt(2).
+    assert m.corpus_bleu(["a b c d e f", "x"], [["a b c d e f"], ["x"]]) == pytest.approx(math.sqrt(2), rel=1e-12)
+
+
+# ---------------------------------------------------------------- NIST
+
+# Two instances: ("a b c" | refs "a b c", "a b d e") and ("a" | ref "a b"). Reference words pooled: 9;
+# counts a:3 b:3 c:1 d:1 e:1, "a b":3, "b c":1, "a b c":1. Information: info(a) = info(b) = log2(9/3),
+# info(c) = log2 9, info(a b) = log2(3/3) = 0, info(b c) = log2(3/1), info(a b c) = log2(3/1).
+# Matched information: n=1: 5 log2 3 (inst 1: 4 log2 3, inst 2: log2 3); n=2: log2 3; n=3: log2 3.
+NIST_HYPS = ["a b c", "a"]
+NIST_REFS = [["a b c", "a b d e"], ["a b"]]
+LOG2_3 = math.log2(3)
+
+
+def test_nist_python_variant_by_hand() -> None:
+    # pymteval: system n-gram totals n=1: 3+1, n=2: 2+0, n=3: 1+(-1) = 0 (divide by 1 instead); n=4,5 have no hits.
+    score = 5 * LOG2_3 / 4 + LOG2_3 / 2 + LOG2_3 / 1
+    # Length penalty: system 4 words vs the sum of per-instance mean reference lengths, (3+4)/2 + 2 = 5.5.
+    penalty = math.exp(-m.NIST_BETA * math.log(4 / 5.5) ** 2)
+    assert m.corpus_nist(NIST_HYPS, NIST_REFS) == pytest.approx(score * penalty, rel=1e-12)
+
+
+def test_nist_perl_variant_by_hand() -> None:
+    # Perl: totals clipped at 0 (n=3: 1+0 = 1); the "average" reference length is all reference words (9) divided
+    # by the number of reference sets the scorer pads every instance to (2).
+    score = 5 * LOG2_3 / 4 + LOG2_3 / 2 + LOG2_3 / 1
+    penalty = math.exp(-m.NIST_BETA * math.log(4 / (9 / 2)) ** 2)
+    assert m.corpus_nist(NIST_HYPS, NIST_REFS, variant="perl") == pytest.approx(score * penalty, rel=1e-12)
+
+
+def test_nist_beta_halves_the_score_at_two_thirds_length() -> None:
+    assert m.nist_length_penalty(2 / 3) == pytest.approx(0.5, rel=1e-12)
+    assert m.nist_length_penalty(1.2) == 1.0
+
+
+def test_nist_empty_hypothesis_counts_one_word_in_python_and_none_in_perl() -> None:
+    # One reference "a b": python sees hyp [""]: no hits, totals 1, 0, -1, ...; Perl sees no words at all.
+    assert m.corpus_nist([""], [["a b"]]) == 0.0
+    assert m.corpus_nist([""], [["a b"]], variant="perl") == 0.0
+    with pytest.raises(ValueError, match="variant"):
+        m.corpus_nist(["a"], [["a"]], variant="fortran")
+
+
+# ---------------------------------------------------------------- ROUGE-L
+
+
+def _lcs_dp(a: list[str], b: list[str]) -> int:
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a, 1):
+        for j, y in enumerate(b, 1):
+            table[i][j] = table[i - 1][j - 1] + 1 if x == y else max(table[i - 1][j], table[i][j - 1])
+    return table[-1][-1]
+
+
+def test_lcs_length_matches_dynamic_programming() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.choice("abcde") for _ in range(rng.randint(0, 15))]
+        b = [rng.choice("abcde") for _ in range(rng.randint(0, 15))]
+        assert m.lcs_length(a, b) == _lcs_dp(a, b)
+
+
+def test_rouge_l_maximises_precision_and_recall_independently() -> None:
+    # LCS("a b c d", "a c d e f") = 3: P = 3/4, R = 3/5. LCS with "b c" = 2: P = 2/4, R = 2/2.
+    # Pmax = 3/4 (first ref), Rmax = 1 (second ref): F = (1 + 1.44) P R / (R + 1.44 P).
+    p, r = 0.75, 1.0
+    expected = (1 + 1.2**2) * p * r / (r + 1.2**2 * p)
+    assert m.rouge_l_instance("a b c d", ["a c d e f", "b c"]) == pytest.approx(expected, rel=1e-12)
+    assert m.rouge_l_instance("x y", ["a b"]) == 0.0
+    assert m.rouge_l_instance("a b", ["a b"]) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- CIDEr-D
+
+
+def test_cider_d_by_hand() -> None:
+    # N = 2 instances, every n-gram has df <= 1, so every idf is ln 2 (an unseen n-gram also gets ln 2).
+    # Instance 1, hyp "a b" vs ref "a b c": order 1 cosine 2/(sqrt2 sqrt3), order 2 cosine 1/sqrt2, orders 3-4: 0;
+    # bigram counts 1 vs 2 -> penalty exp(-1/72). Score = 10 * mean over the 4 orders * penalty.
+    first = 10 * (2 / math.sqrt(6) + 1 / math.sqrt(2)) / 4 * math.exp(-1 / 72)
+    scores = m.cider_d_scores(["a b", "x"], [["a b c"], ["y"]])
+    assert scores == pytest.approx([first, 0.0], rel=1e-12)
+    # A perfect two-word match scores 10 * (1 + 1 + 0 + 0) / 4 = 5.
+    assert m.cider_d_scores(["a b", "c"], [["a b"], ["d"]])[0] == pytest.approx(5.0, rel=1e-12)
+
+
+def _random_corpus(seed: int, n: int = 40) -> tuple[list[str], list[list[str]]]:
+    rng = random.Random(seed)
+    words = ["a", "b", "c", "d", "e", "f", "g", "h", "the", "pub", "near", "city", "centre", "riverside"]
+
+    def sentence() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+
+    return [sentence() for _ in range(n)], [[sentence() for _ in range(rng.randint(1, 5))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rouge_and_cider_match_pycocoevalcap(seed: int) -> None:
+    pytest.importorskip("numpy")
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    hyps, refs = _random_corpus(seed)
+    gts = {i: r for i, r in enumerate(refs)}
+    res = {i: [h] for i, h in enumerate(hyps)}
+    assert m.corpus_rouge_l(hyps, refs) == pytest.approx(Rouge().compute_score(gts, res)[0], rel=1e-12)
+    assert m.corpus_cider_d(hyps, refs) == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
+
+
+# ---------------------------------------------------------------- TER
+
+
+def _levenshtein_dp(a: list[str], b: list[str]) -> int:
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y))
+        previous = current
+    return previous[-1]
+
+
+def test_bit_parallel_edit_distance_matches_dynamic_programming() -> None:
+    rng = random.Random(1)
+    for _ in range(1000):
+        a = [rng.choice("abcd") for _ in range(rng.randint(0, 14))]
+        b = [rng.choice("abcd") for _ in range(rng.randint(0, 14))]
+        assert m.edit_distance(a, b) == _levenshtein_dp(a, b)
+
+
+def test_ter_by_hand() -> None:
+    # One block shift fixes everything: 1 edit over 4 reference words (Levenshtein alone would need 4).
+    assert m.sentence_ter("a b c d", ["c d a b"]) == pytest.approx(1 / 4)
+    # One substitution, no useful shift.
+    assert m.sentence_ter("a x c", ["a b c"]) == pytest.approx(1 / 3)
+    # Minimum over references; an empty reference scores 1 as in GenerationEval.
+    assert m.sentence_ter("a b", ["a b c d", "a b"]) == 0.0
+    assert m.sentence_ter("a b", [""]) == 1.0
+    # Shift "c" to the front (1) then delete "x" (1): 2 edits over 3 words.
+    assert m.sentence_ter("a b x c", ["c a b"]) == pytest.approx(2 / 3)
+    assert m.mean_ter(["a b c d", "a x c"], [["c d a b"], ["a b c"]]) == pytest.approx((1 / 4 + 1 / 3) / 2)
+
+
+def test_ter_never_exceeds_plain_edit_rate() -> None:
+    hyps, refs = _random_corpus(3, n=30)
+    for hyp, ref_set in zip(hyps, refs):
+        ref = ref_set[0]
+        assert m.sentence_ter(hyp, [ref]) <= _levenshtein_dp(hyp.split(), ref.split()) / len(ref.split()) + 1e-12
+
+
+# ---------------------------------------------------------------- PTB tokenisation and METEOR (Java)
+
+PTB_CASES = [
+    "The Phoenix's prices are £20-£25.",
+    'A coffee shop "The Punter" serving food, isn\'t it?',
+    "Kid friendly, .Blue Spice is in the city center., near Café Sicilia..",
+    "It's not family -friendly; prices: less than £20 (cheap) - 5 out of 5...",
+    "Ratings...but the £-25 range",
+]
+
+
+@needs_java
+def test_ptb_tokenizer_lowercases_splits_and_drops_punctuation() -> None:
+    out = m.ptb_tokenize(["The Phoenix's prices are £20-£25.", "Hello,   World!", ""])
+    assert out == ["the phoenix 's prices are # 20 # 25", "hello world", ""]
+
+
+@needs_java
+def test_python_ptb_approximation_agrees_with_corenlp_on_tricky_cases() -> None:
+    assert m.ptb_tokenize_approx(PTB_CASES) == m.ptb_tokenize(PTB_CASES)
+
+
+@needs_java
+def test_meteor_is_corpus_level_and_orders_outputs() -> None:
+    refs = [["the pub is near the river"], ["a cheap family friendly restaurant"]]
+    with m.Meteor() as meteor:
+        perfect, per_instance = meteor.corpus_score(["the pub is near the river", "a cheap family friendly restaurant"], refs)
+        worse, _ = meteor.corpus_score(["the pub river", "a restaurant ||| cheap"], refs)  # '|||' must not break the protocol
+        uneven, uneven_parts = meteor.corpus_score(["the pub is near the river", "restaurant"], refs)
+    assert 0.9 < perfect <= 1.0 and len(per_instance) == 2
+    assert worse < perfect
+    # Corpus-level aggregation of statistics is not the mean of the sentence scores.
+    assert uneven != pytest.approx(sum(uneven_parts) / 2, abs=1e-6)
+
+
+def test_instance_checks() -> None:
+    with pytest.raises(ValueError, match="2 hypotheses but 1"):
+        m.e2e_scores(["a", "b"], [["a"]], with_meteor=False)
+    with pytest.raises(ValueError, match="instance 2 has no references"):
+        m.e2e_scores(["a", "b"], [["a"], []], with_meteor=False)
