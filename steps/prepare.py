@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from steps.common import InputError, atomic_write
 from steps.sample_data import generate_sample
 
@@ -191,6 +189,8 @@ def render_e2e_mr(mr: str, path: Path, line: int) -> str:
 
 def read_e2e_csv(path: Path) -> Split:
     """The official E2E release (columns mr, ref) -> examples in the text files' rendering."""
+    import pandas as pd  # imported here: only the CSV path needs it, and it costs ~1 s to import
+
     text = read_utf8(path)
     try:
         table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
