@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ from torch import nn
 from steps import checkpoints as ckpt
 from steps.common import InputError, write_json
 from steps.data import Example, build_examples, collate, epoch_updates, load_encoded, shard_sequential
+from steps.encode import read_encoded_meta
 from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
 from steps.model import CARDS, GPT2, card
 from steps.optim import NO_SCHEDULE, AdamW, build_scheduler, cycle_max_step, param_groups_for
@@ -209,7 +209,7 @@ def load_data(args: argparse.Namespace, vocab_size: int) -> tuple[list[Example],
 
 def check_encoding_metadata(train_path: str, valid_path: str) -> None:
     """Refuse train/valid files encoded differently (another tokenizer or other bos/eos flags)."""
-    metas = {p: _read_meta(p) for p in (train_path, valid_path)}
+    metas = {p: read_encoded_meta(p) for p in (train_path, valid_path)}
     known = {p: m for p, m in metas.items() if m is not None}
     if len(known) == 2:
         keys = ("tokenizer", "vocab_sha256", "add_bos", "add_eos")
@@ -220,11 +220,6 @@ def check_encoding_metadata(train_path: str, valid_path: str) -> None:
     for path, meta in known.items():
         if meta.get("tokenizer", "gpt2-bpe") != "gpt2-bpe":
             raise InputError(f"encoded with tokenizer {meta.get('tokenizer')!r}, GPT-2 needs gpt2-bpe", path)
-
-
-def _read_meta(path: str) -> dict[str, Any] | None:
-    meta = Path(f"{path}.meta.json")
-    return json.loads(meta.read_text()) if meta.is_file() else None
 
 
 def build_model(args: argparse.Namespace) -> GPT2:

@@ -163,3 +163,16 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsy
     assert code == 3
     assert "loss became" in capsys.readouterr().err
     assert not (work / "adapter.safetensors").exists()
+
+
+def test_train_and_valid_encoded_differently_are_refused(tmp_path, capsys):
+    from steps.encode import main as encode_main
+
+    formatted = tmp_path / "f.jsonl"
+    formatted.write_text('{"context": "name : A | Type : pub", "completion": "A is a pub ."}\n' * 4)
+    data = tmp_path / "enc"
+    assert encode_main(["--input", str(formatted), "--output", str(data / "train.jsonl"), "--add_bos", "--add_eos"]) == 0
+    assert encode_main(["--input", str(formatted), "--output", str(data / "valid.jsonl"), "--add_bos"]) == 0
+    code = main(tiny_run_args(tmp_path / "data", tmp_path / "run", train_data=data / "train.jsonl", valid_data=data / "valid.jsonl"))
+    assert code == 2
+    assert "encoded with different settings" in capsys.readouterr().err
