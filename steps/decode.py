@@ -1,0 +1,353 @@
+"""Beam-decode a test set with a LoRA adapter: the original gpt2_beam.py + gpt2_decode.py in one stage.
+
+    python -m steps.decode --data data/encoded/test.jsonl --input_file data/formatted/test.jsonl \\
+        --adapter models/finetune --init_checkpoint models/base/model.safetensors \\
+        --beam 10 --length_penalty 0.8 --no_repeat_ngram_size 4 --eos_token_id 628 --eval_len 64 --work_dir outputs
+
+Differences from the original, none of which changes a prediction:
+  - the base checkpoint AND the adapter are loaded (Q13); model card, r and alpha come from adapter_config.json
+    (Q35), and an adapter trained on another base (sha256) is refused unless --ignore_base_mismatch;
+  - LoRA is merged into the weights, so inference costs the same as the plain model;
+  - one search per unique query (E2E test: 630 MRs for 4,693 lines, Q26), sorted by length and decoded
+    --batch_size at a time with the row indexing fixed (Q27), a KV cache and a provably safe early stop (Q28);
+  - predictions are written in input order (Q34) to predictions.jsonl; the original's {"id", "predict"} file only
+    with an explicit --output_file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from steps.beam import BeamConfig, Hypothesis, beam_search
+from steps.checkpoints import (
+    apply_adapter,
+    load_adapter,
+    load_base_weights,
+    lora_config_of,
+    model_config_of,
+    read_tensors,
+    sha256_file,
+)
+from steps.common import InputError, atomic_write, iter_jsonl
+from steps.decode_text import clean_text, write_scorer_files
+from steps.model import GPT2, card
+
+EOS_ID = 50256
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# ----------------------------------------------------------------------------------------------- model loading
+
+
+def load_for_inference(
+    adapter: str | os.PathLike | None,
+    init_checkpoint: str | os.PathLike | None,
+    device: str | torch.device = "cpu",
+    model_card: str | None = None,
+    lora_dim: int = 0,
+    lora_alpha: float | None = None,
+    ignore_base_mismatch: bool = False,
+) -> GPT2:
+    """Base weights + adapter, LoRA merged, in eval mode on `device`.
+
+    `adapter`: our adapter directory (or its adapter.safetensors), or an original-trainer `model.<step>.pt`
+    (LoRA-only or full; those record no alpha, so `lora_alpha` must be given). Without `adapter`, a full original
+    checkpoint given as `init_checkpoint` still brings its LoRA tensors, as the original loaded them. Without
+    `init_checkpoint`, the base recorded in the adapter config is used if that file exists; a random base is
+    never used silently (Q13). `model_card`/`lora_dim`/`lora_alpha`, when given, must agree with the adapter.
+    """
+    if adapter is None and init_checkpoint is not None and any(".lora_" in k for k in read_tensors(init_checkpoint)):
+        adapter = init_checkpoint  # an original end-of-epoch checkpoint: base and LoRA in one file
+    config = None
+    if adapter is not None:
+        tensors, config = load_adapter(adapter, lora_alpha=lora_alpha)
+        _check_agrees(config, model_card, lora_dim, lora_alpha, adapter)
+        init_checkpoint = init_checkpoint or _recorded_base(config)
+    if init_checkpoint is None:
+        raise InputError("no base weights: pass --init_checkpoint (the GPT-2 model.safetensors / pytorch_model.bin the "
+                         "adapter was trained on); decoding with a random base gives garbage (Q13)")
+    if config is not None and config["base"].get("sha256"):
+        actual = sha256_file(init_checkpoint)
+        if actual != config["base"]["sha256"]:
+            message = (f"the adapter was trained on base sha256 {config['base']['sha256'][:12]}... "
+                       f"({config['base'].get('path')}) but {init_checkpoint} has sha256 {actual[:12]}...")
+            if not ignore_base_mismatch:
+                raise InputError(message + "; pass the right --init_checkpoint, or --ignore_base_mismatch if you know "
+                                 "the weights are the same", adapter)
+            print(f"warning: {message}; continuing (--ignore_base_mismatch)", file=sys.stderr)
+    cfg = model_config_of(config) if config is not None else card(model_card or "gpt2.sm")
+    model = GPT2(cfg, lora=lora_config_of(config) if config is not None else None)
+    load_base_weights(model, init_checkpoint)
+    if config is not None:
+        apply_adapter(model, tensors, adapter)
+        model.merge_lora()
+    return model.eval().to(device)
+
+
+def _check_agrees(config: dict, model_card: str | None, lora_dim: int, lora_alpha: float | None, source) -> None:
+    """Options that merely restate the adapter are fine; contradicting it is an error, not a silent override."""
+    problems = []
+    if model_card and model_card != config["model_card"]:
+        problems.append(f"--model_card {model_card} (adapter: {config['model_card']})")
+    if lora_dim and lora_dim != config["r"]:
+        problems.append(f"--lora_dim {lora_dim} (adapter: {config['r']})")
+    if lora_alpha is not None and float(lora_alpha) != float(config["alpha"]):
+        problems.append(f"--lora_alpha {lora_alpha} (adapter: {config['alpha']})")
+    if problems:
+        raise InputError(f"options contradict the adapter config: {'; '.join(problems)}; drop them (the adapter "
+                         "records its own)", source)
+
+
+def _recorded_base(config: dict) -> str | None:
+    path = (config.get("base") or {}).get("path")
+    return path if path and Path(path).is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------- search
+
+
+def make_query(context: Sequence[int], seq_len: int, eval_len: int) -> list[int]:
+    """The original's query: the context ids left-truncated to their last seq_len - eval_len (REFERENCE §3.3)."""
+    room = seq_len - eval_len
+    if room < 1:
+        raise InputError(f"--seq_len ({seq_len}) must exceed --eval_len ({eval_len}): the query needs room")
+    return list(context[-room:])
+
+
+def _autocast(device: torch.device, precision: str):
+    """fp32 on the CPU by default, bf16 autocast on a GPU (`auto`); fp16 only when asked."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def search_queries(
+    model: GPT2,
+    queries: Sequence[Sequence[int]],
+    cfg: BeamConfig,
+    batch_size: int = 16,
+    precision: str = "auto",
+    reference_mode: bool = False,
+    progress: bool = False,
+) -> list[Hypothesis]:
+    """Best hypothesis per query, in input order.
+
+    Default: one search per unique query, unique queries sorted by length (little padding) and decoded
+    `batch_size` at a time. `reference_mode`: the original's schedule (every line on its own, batch 1, all
+    eval_len steps), kept for benchmarks; it gives the same outputs, only slower.
+    """
+    if batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1 (got {batch_size})")
+    device = next(model.parameters()).device
+    if reference_mode:
+        cfg = dataclasses.replace(cfg, early_stop=False)
+        unique, batch_size = [tuple(q) for q in queries], 1
+    else:
+        unique = sorted(dict.fromkeys(tuple(q) for q in queries), key=len, reverse=True)  # longest first: OOM shows early
+    found: dict[tuple[int, ...], Hypothesis] = {}
+    results: list[Hypothesis] = []
+    bar = tqdm(total=len(unique), unit="MR", desc="decode", disable=not progress, dynamic_ncols=True)
+    with torch.inference_mode(), _autocast(device, precision), bar:
+        for batch in _batches(unique, batch_size):
+            hyps = beam_search(model, batch, cfg)
+            if reference_mode:
+                results.extend(hyps)
+            found.update(zip(batch, hyps))
+            bar.update(len(batch))
+    return results if reference_mode else [found[tuple(q)] for q in queries]
+
+
+def generate_texts(
+    model: GPT2,
+    contexts: list[str],
+    *,
+    beam: int = 10,
+    length_penalty: float = 0.8,
+    no_repeat_ngram_size: int = 4,
+    repetition_penalty: float = 1.0,
+    eos_token_ids: Sequence[int] = (50256, 628),
+    min_length: int = 0,
+    eval_len: int = 64,
+    seq_len: int = 512,
+    batch_size: int = 16,
+    add_bos: bool = True,
+    progress: bool = False,
+    precision: str = "auto",
+    reference_mode: bool = False,
+) -> list[str]:
+    """Texts in, generated texts out (the MLflow pyfunc model calls this): one per context, cut and stripped.
+
+    Contexts are encoded like the encode stage (`add_bos` appends <|endoftext|>, the original's separator),
+    deduplicated, beam-decoded, and each result is cut at <|endoftext|> and the first blank line.
+    """
+    from steps.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    cfg = BeamConfig(beam=beam, eval_len=eval_len, min_length=min_length, length_penalty=length_penalty,
+                     no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+                     eos_token_ids=tuple(eos_token_ids))
+    queries = [make_query(ids + [EOS_ID] if add_bos else ids, seq_len, eval_len) for ids in tokenizer.encode_batch(list(contexts))]
+    if any(not q for q in queries):
+        raise InputError("an empty context with add_bos=False leaves nothing to condition on")
+    hyps = search_queries(model, queries, cfg, batch_size, precision, reference_mode, progress)
+    return [clean_text(tokenizer.decode(h.tokens)) for h in hyps]
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+def read_contexts(path: str | os.PathLike, vocab_size: int) -> list[list[int]]:
+    """Context ids of every line of an encoded JSONL ({"context": [ids], "completion": [ids]})."""
+    contexts = []
+    for line, item in iter_jsonl(path):
+        context = item.get("context") if isinstance(item, dict) else None
+        if not isinstance(context, list) or not context or not all(isinstance(t, int) and 0 <= t < vocab_size for t in context):
+            raise InputError(f'expected {{"context": [token ids in 0..{vocab_size - 1}], ...}} (the encoded JSONL from '
+                             "steps.encode; the formatted text file goes to --input_file)", path, line)
+        contexts.append(context)
+    if not contexts:
+        raise InputError("no lines to decode", path)
+    return contexts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Beam-decode an encoded test set with base weights + a LoRA adapter and write predictions "
+        "(and, with --input_file, the scorer's reference/prediction files). Names follow the original gpt2_beam.py.",
+    )
+    p.add_argument("--data", required=True, help="encoded JSONL to decode ({'context': [ids], ...}, from steps.encode)")
+    p.add_argument("--batch_size", type=int, default=10, help="unique queries decoded together (default 10; each "
+                   "holds --beam rows; the original's README used 1 because of its batching bug)")
+    p.add_argument("--seq_len", type=int, default=512, help="the query keeps the last seq_len - eval_len context ids "
+                   "(default 512)")
+    p.add_argument("--eval_len", type=int, default=256, help="maximum generated tokens (default 256; the README uses 64)")
+    p.add_argument("--min_length", type=int, default=0, help="forbid the eos ids before this many tokens (default 0)")
+    p.add_argument("--model_card", default=None, help="gpt2.sm/md/lg/tiny; read from the adapter config, needed only "
+                   "without an adapter (then default gpt2.sm, the original's)")
+    p.add_argument("--init_checkpoint", default=None, help="base GPT-2 weights (model.safetensors or pytorch_model.bin); "
+                   "default: the base path recorded in the adapter config")
+    p.add_argument("--adapter", default=None, help="LoRA adapter: a directory with adapter.safetensors + "
+                   "adapter_config.json, or an original model.<step>.pt")
+    p.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; read from the adapter (if given, must match)")
+    p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; read from adapter_config.json. Original "
+                   ".pt adapters do not record it: give it then (the README used 32; the original's default was 128)")
+    p.add_argument("--ignore_base_mismatch", action="store_true", help="decode even if --init_checkpoint's sha256 "
+                   "differs from the base the adapter was trained on")
+    p.add_argument("--beam", type=int, default=1, help="beam width K (default 1; the README uses 10)")
+    p.add_argument("--length_penalty", type=float, default=1.0, help="score = sum log p / len**length_penalty, len "
+                   "counting the eos (default 1.0; README 0.8)")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=4, help="ban repeating n-grams of generated tokens "
+                   "(0: off; default 4)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL penalty on generated tokens (1.0: off)")
+    p.add_argument("--eos_token_id", type=int, action="append", default=None, help="stop token; repeatable. As in the "
+                   "original, the list always starts with 50256 and these are appended (E2E: --eos_token_id 628)")
+    p.add_argument("--work_dir", default=os.environ.get("PT_OUTPUT_DIR", "gpt2_model"), help="output directory "
+                   "(default $PT_OUTPUT_DIR or gpt2_model)")
+    p.add_argument("--output_file", default=None, help="also write the original's {'id', 'predict': [eval_len ids]} "
+                   "file under work_dir (compatibility; off unless given)")
+    p.add_argument("--input_file", default=None, help="the formatted JSONL of --data: also write the scorer files")
+    p.add_argument("--ref_type", default="e2e", choices=("e2e", "webnlg", "dart"), help="scorer layout (default e2e)")
+    p.add_argument("--ref_num", type=int, default=4, help="webnlg/dart: number of reference files (default 4)")
+    p.add_argument("--lower", action="store_true", help="scorer files: lower-case (the README does for webnlg/dart)")
+    p.add_argument("--tokenize", action="store_true", help="scorer files: split around punctuation")
+    p.add_argument("--output_ref_file", default=None, help="default work_dir/refs.txt (e2e) or work_dir/refs/ "
+                   "(webnlg/dart: a directory of reference0..N-1)")
+    p.add_argument("--output_pred_file", default=None, help="default work_dir/preds.txt")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when available)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto = bf16 autocast on GPU, fp32 on CPU")
+    return p
+
+
+def run(args: argparse.Namespace) -> str:
+    """The stage; returns the summary line."""
+    start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    eos_ids = tuple(dict.fromkeys([EOS_ID, *(args.eos_token_id or [])]))
+    cfg = BeamConfig(beam=args.beam, eval_len=args.eval_len, min_length=args.min_length,
+                     length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                     repetition_penalty=args.repetition_penalty, eos_token_ids=eos_ids)
+    model = load_for_inference(args.adapter, args.init_checkpoint, device, args.model_card, args.lora_dim,
+                               args.lora_alpha, args.ignore_base_mismatch)
+    if max(eos_ids) >= model.config.vocab_size:
+        raise InputError(f"--eos_token_id {max(eos_ids)} is outside the vocabulary ({model.config.vocab_size})")
+    if args.seq_len > model.config.n_positions:
+        raise InputError(f"--seq_len {args.seq_len} exceeds the model's {model.config.n_positions} positions")
+    contexts = read_contexts(args.data, model.config.vocab_size)
+    if args.input_file:  # fail before the long search, not after it
+        _check_same_length(args.input_file, len(contexts), args.data)
+    queries = [make_query(c, args.seq_len, args.eval_len) for c in contexts]
+    n_unique = len(set(map(tuple, queries)))
+    loaded = time.perf_counter()
+    hyps = search_queries(model, queries, cfg, args.batch_size, args.precision, progress=True)
+    searched = time.perf_counter() - loaded
+
+    from steps.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    work_dir = Path(args.work_dir)
+    texts = [clean_text(tokenizer.decode(h.tokens)) for h in hyps]
+    with atomic_write(work_dir / "predictions.jsonl") as f:
+        for i, (context, text) in enumerate(zip(contexts, texts)):
+            f.write(json.dumps({"id": i, "context": clean_context(tokenizer.decode(context)), "prediction": text},
+                               ensure_ascii=False) + "\n")
+    written = [str(work_dir / "predictions.jsonl")]
+    if args.output_file:
+        with atomic_write(work_dir / args.output_file) as f:
+            for i, h in enumerate(hyps):
+                f.write(json.dumps({"id": i, "predict": h.tokens + [0] * (args.eval_len - len(h.tokens))}) + "\n")
+        written.append(str(work_dir / args.output_file))
+    if args.input_file:
+        multi = args.ref_type != "e2e"
+        ref_file = args.output_ref_file or str(work_dir / ("refs" if multi else "refs.txt"))
+        pred_file = args.output_pred_file or str(work_dir / "preds.txt")
+        write_scorer_files(args.input_file, dict(enumerate(texts)), ref_file, pred_file, args.ref_type, args.ref_num,
+                           lower=args.lower, tokenize=args.tokenize)
+        written += [ref_file, pred_file]
+    finished = sum(h.finished for h in hyps)
+    return (f"decode: {len(queries)} lines, {n_unique} unique queries, beam {args.beam}, {n_unique / searched:.2f} MRs/s "
+            f"({searched:.1f} s search, {time.perf_counter() - start:.1f} s total, {device}); {finished} lines ended "
+            f"on eos, {len(hyps) - finished} cut at eval_len -> {', '.join(written)}")
+
+
+def clean_context(text: str) -> str:
+    """The context as text, without the trailing <|endoftext|> separator the encode stage appended."""
+    return text.removesuffix("<|endoftext|>")
+
+
+def _check_same_length(input_file: str, n_data: int, data: str) -> None:
+    n_input = sum(1 for _ in iter_jsonl(input_file))
+    if n_input != n_data:
+        raise InputError(f"has {n_input} lines but --data {data} has {n_data}; --input_file must be the formatted "
+                         "file that --data was encoded from", input_file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        print(run(args))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

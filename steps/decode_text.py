@@ -1,0 +1,259 @@
+"""Predictions -> the files the scorers read: gpt2_decode.py's behaviour (REFERENCE §10), with clear errors.
+
+    python -m steps.decode_text --sample_file outputs/predictions.jsonl --input_file data/formatted/test.jsonl \\
+        --output_ref_file outputs/refs.txt --output_pred_file outputs/preds.txt
+
+References come from the formatted JSONL (`{"context": str, "completion": str[, "cate": bool]}`), grouped by the
+exact context string (or by `--ref_unique_file`), in order of first appearance. Predictions come from either our
+`predictions.jsonl` (`{"id", "context", "prediction"}`) or the original's beam output (`{"id", "predict": [ids]}`);
+`id` is the 0-based line index in the data file. Layouts:
+  e2e:          ref file = each group's references one per line, then one empty line; pred file = one line per group.
+  webnlg, dart: ref "file" is a directory of reference0..reference{ref_num-1}; line j of file f is group j's f-th
+                reference, or its reference 0 when it has fewer; pred file = one line per group.
+`steps.decode` calls `write_scorer_files` directly, so the grouping rule lives only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steps.common import InputError, atomic_write, iter_jsonl
+
+EOS_TEXT = "<|endoftext|>"
+REF_TYPES = ("e2e", "webnlg", "dart")
+FILTERS = ("all", "seen", "unseen")
+
+
+def clean_text(text: str) -> str:
+    """Cut at the first <|endoftext|>, then at the first blank line, then strip (the original's rule)."""
+    return text.split(EOS_TEXT, 1)[0].split("\n\n", 1)[0].strip()
+
+
+def post_process(text: str, lower: bool = False, tokenize: bool = False) -> str:
+    """`--lower` first, then `--tokenize`: split around every non-word character and re-join with single spaces."""
+    if lower:
+        text = text.lower()
+    if tokenize:
+        text = " ".join(part for part in re.split(r"(\W)", text) if part.strip())
+    return text
+
+
+def _one_line(text: str) -> str:
+    """A stray single newline inside a text would shift every later line of a scorer file; make it a space."""
+    return re.sub(r"\s*\n\s*", " ", text)
+
+
+@dataclass
+class References:
+    """The references of a formatted file, grouped the way the scorer needs them."""
+
+    line_keys: list[Hashable]  # the grouping key of every line (kept by --filter or not), by line index
+    groups: dict[Hashable, list[str]] = field(default_factory=dict)  # kept lines' references, first-appearance order
+    first_line: dict[Hashable, int] = field(default_factory=dict)  # a line index of each group (for error messages)
+    path: str = ""
+
+
+def read_references(
+    input_file: str | os.PathLike,
+    filter: str = "all",
+    ref_unique_file: str | os.PathLike | None = None,
+    lower: bool = False,
+    tokenize: bool = False,
+) -> References:
+    """Read the formatted JSONL and group its references (gpt2_decode.py's rule, REFERENCE §10.2)."""
+    if filter not in FILTERS:
+        raise InputError(f"unknown --filter {filter!r}; choose one of {', '.join(FILTERS)}")
+    unique_ids = _read_ref_unique(ref_unique_file) if ref_unique_file else None
+    refs = References(line_keys=[], path=str(input_file))
+    for index, (line, item) in enumerate(iter_jsonl(input_file)):
+        if not isinstance(item, dict) or not isinstance(item.get("context"), str) or not isinstance(item.get("completion"), str):
+            raise InputError('expected {"context": str, "completion": str} (the formatted JSONL, not the encoded one)', input_file, line)
+        if unique_ids is not None and index >= len(unique_ids):
+            raise InputError(f"--ref_unique_file has {len(unique_ids)} lines but the input file has more", input_file, line)
+        key = item["context"] if unique_ids is None else unique_ids[index]
+        refs.line_keys.append(key)
+        if not _kept(item, filter, input_file, line):
+            continue
+        refs.groups.setdefault(key, []).append(post_process(_one_line(clean_text(item["completion"])), lower, tokenize))
+        refs.first_line.setdefault(key, index)
+    if unique_ids is not None and len(unique_ids) != len(refs.line_keys):
+        raise InputError(f"--ref_unique_file has {len(unique_ids)} lines but the input file has {len(refs.line_keys)}",
+                         ref_unique_file)
+    if not refs.groups:
+        raise InputError(f"no references kept (filter {filter!r}); check the file and --filter", input_file)
+    return refs
+
+
+def _kept(item: dict, filter: str, path: str | os.PathLike, line: int) -> bool:
+    if filter == "all":
+        return True
+    if not isinstance(item.get("cate"), bool):
+        raise InputError(f'--filter {filter} needs a boolean "cate" field (WebNLG seen/unseen); use --filter all', path, line)
+    return item["cate"] == (filter == "seen")
+
+
+def _read_ref_unique(path: str | os.PathLike) -> list[int]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("--ref_unique_file not found", path)
+    values = []
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            values.append(int(text.strip()))
+        except ValueError:
+            raise InputError(f"expected one integer per line, got {text.strip()!r}", path, number) from None
+    return values
+
+
+def read_predictions(sample_file: str | os.PathLike, tokenizer=None) -> dict[int, str]:
+    """Line index -> cleaned prediction text, from our predictions.jsonl or the original's {id, predict: [ids]} file.
+
+    A later record for the same id overwrites an earlier one, as in the original. `tokenizer` (anything with
+    `decode(ids) -> str`) is needed only for the original's token-id format; the default is our GPT-2 BPE.
+    """
+    predictions: dict[int, str] = {}
+    for line, item in iter_jsonl(sample_file):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int):
+            raise InputError('expected {"id": int, "prediction": str} or {"id": int, "predict": [ids]}', sample_file, line)
+        if isinstance(item.get("prediction"), str):
+            text = item["prediction"]
+        elif isinstance(item.get("predict"), list) and all(isinstance(t, int) for t in item["predict"]):
+            if tokenizer is None:
+                from steps.tokenizer import get_tokenizer
+
+                tokenizer = get_tokenizer()
+            text = tokenizer.decode(item["predict"])  # all ids: trailing zeros and stale tails go with the cut
+        else:
+            raise InputError('expected a "prediction" string or a "predict" list of token ids', sample_file, line)
+        predictions[item["id"]] = clean_text(text)
+    return predictions
+
+
+def predictions_by_group(
+    refs: References, predictions: dict[int, str], sample_file: str = "the predictions",
+    lower: bool = False, tokenize: bool = False,
+) -> list[str]:
+    """One prediction per reference group, in group order; an error lists what is missing (Q36)."""
+    by_key: dict[Hashable, str] = {}
+    for index, text in predictions.items():
+        if not 0 <= index < len(refs.line_keys):
+            raise InputError(f"prediction id {index} is outside the input file's {len(refs.line_keys)} lines "
+                             f"({refs.path}); do the predictions belong to this input file?", sample_file)
+        by_key[refs.line_keys[index]] = post_process(_one_line(text), lower, tokenize)
+    missing = [refs.first_line[key] for key in refs.groups if key not in by_key]
+    if missing:
+        shown = ", ".join(str(i) for i in missing[:20]) + (", ..." if len(missing) > 20 else "")
+        raise InputError(f"{len(missing)} of {len(refs.groups)} inputs have no prediction (input line ids: {shown}); "
+                         f"decode every line of {refs.path} (or check that the two files belong together)", sample_file)
+    return [by_key[key] for key in refs.groups]
+
+
+def write_e2e(groups: Sequence[list[str]], preds: Sequence[str], ref_file: str | os.PathLike, pred_file: str | os.PathLike) -> None:
+    """E2E scorer layout: references one per line with an empty line after each group; predictions one per line."""
+    for number, group in enumerate(groups):
+        if any(not ref for ref in group):
+            raise InputError(f"reference group {number} has an empty reference, which would split its group in the "
+                             "e2e layout; remove empty completions from the input file", ref_file)
+    with atomic_write(ref_file) as f:
+        for group in groups:
+            f.write("".join(ref + "\n" for ref in group) + "\n")
+    _write_lines(pred_file, preds)
+
+
+def write_multi_ref(
+    groups: Sequence[list[str]], preds: Sequence[str], ref_dir: str | os.PathLike, pred_file: str | os.PathLike, ref_num: int
+) -> None:
+    """GenerationEval layout (WebNLG, DART): ref_dir/reference0..N-1, missing references padded with reference 0."""
+    if ref_num < 1:
+        raise InputError(f"--ref_num must be >= 1 (got {ref_num})")
+    ref_dir = Path(ref_dir)
+    if ref_dir.exists() and not ref_dir.is_dir():
+        raise InputError("for webnlg/dart the reference output is a directory, but a file exists there", ref_dir)
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    for f in range(ref_num):
+        _write_lines(ref_dir / f"reference{f}", [group[f] if f < len(group) else group[0] for group in groups])
+    _write_lines(pred_file, preds)
+
+
+def _write_lines(path: str | os.PathLike, lines: Sequence[str]) -> None:
+    with atomic_write(path) as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def write_scorer_files(
+    input_file: str | os.PathLike,
+    predictions: dict[int, str],
+    ref_file: str | os.PathLike,
+    pred_file: str | os.PathLike,
+    ref_type: str = "e2e",
+    ref_num: int = 4,
+    filter: str = "all",
+    ref_unique_file: str | os.PathLike | None = None,
+    lower: bool = False,
+    tokenize: bool = False,
+    sample_file: str = "the predictions",
+) -> tuple[int, int]:
+    """Group, match and write; return (groups, reference lines). `predictions`: line index -> text."""
+    if ref_type not in REF_TYPES:
+        raise InputError(f"unknown --ref_type {ref_type!r}; choose one of {', '.join(REF_TYPES)}")
+    refs = read_references(input_file, filter, ref_unique_file, lower, tokenize)
+    preds = predictions_by_group(refs, predictions, sample_file, lower, tokenize)
+    groups = list(refs.groups.values())
+    if ref_type == "e2e":
+        write_e2e(groups, preds, ref_file, pred_file)
+    else:
+        write_multi_ref(groups, preds, ref_file, pred_file, ref_num)
+    return len(groups), sum(len(g) for g in groups)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Turn beam-search predictions into the reference/prediction files the E2E and GenerationEval scorers "
+        "read (the original gpt2_decode.py's options and layouts).",
+    )
+    parser.add_argument("--vocab", default=None, help="directory with encoder.json + vocab.bpe, used to decode the "
+                        "original's token-id sample files (default: the GPT-2 files of an installed package)")
+    parser.add_argument("--sample_file", required=True, help="predictions: our predictions.jsonl or the original's "
+                        '{"id", "predict": [ids]} beam output')
+    parser.add_argument("--input_file", required=True, help="the formatted JSONL the predictions were made from "
+                        '({"context", "completion"}; its line i is prediction id i)')
+    parser.add_argument("--output_ref_file", required=True, help="e2e: the reference file; webnlg/dart: a directory "
+                        "for reference0..N-1 (created)")
+    parser.add_argument("--output_pred_file", required=True, help="one prediction per reference group")
+    parser.add_argument("--ref_unique_file", default=None, help="optional: one integer per input line, used as the "
+                        "grouping key instead of the context string")
+    parser.add_argument("--ref_type", default="e2e", choices=REF_TYPES, help="output layout (default e2e)")
+    parser.add_argument("--ref_num", type=int, default=4, help="webnlg/dart: number of reference files (default 4; the "
+                        "README uses 6)")
+    parser.add_argument("--tokenize", action="store_true", help="split around non-word characters, single-space joined")
+    parser.add_argument("--lower", action="store_true", help="lower-case references and predictions")
+    parser.add_argument("--filter", default="all", choices=FILTERS, help='keep all lines, or only WebNLG lines whose '
+                        '"cate" is true (seen) / false (unseen)')
+    args = parser.parse_args(argv)
+    try:
+        tokenizer = None
+        if args.vocab is not None:
+            from steps.tokenizer import get_tokenizer
+
+            tokenizer = get_tokenizer(args.vocab)
+        predictions = read_predictions(args.sample_file, tokenizer)
+        n_groups, n_refs = write_scorer_files(
+            args.input_file, predictions, args.output_ref_file, args.output_pred_file, args.ref_type, args.ref_num,
+            args.filter, args.ref_unique_file, args.lower, args.tokenize, sample_file=args.sample_file,
+        )
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"decode_text: {len(predictions)} predictions -> {n_groups} groups, {n_refs} references ({args.ref_type}): "
+          f"{args.output_ref_file}, {args.output_pred_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
