@@ -1,0 +1,119 @@
+"""Environment defaults and params.yaml access shared by every pipeline entry point.
+
+`apply_env_defaults()` runs when the `pipelines` package is imported, i.e. before any of its modules
+imports prefect or mlflow (both read some settings once, at import). Every value is a *default*
+(os.environ.setdefault): whatever the user exported wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from steps.common import InputError
+
+CODE_ROOT = Path(__file__).resolve().parents[1]  # this checkout: steps/ and pipelines/ live here
+
+# Why each one (measured, see docs/pipeline.md "Environment"):
+OFFLINE_DEFAULTS = {
+    "DO_NOT_TRACK": "true",  # Prefect client analytics off; MLflow telemetry off (MLflow only accepts "true")
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # no remote config fetch / event posts from MLflow
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry heartbeat (and its noisy DNS errors) from the server
+    "DVC_NO_ANALYTICS": "1",  # no DVC analytics daemon (also off in .dvc/config)
+    # The ephemeral Prefect API server needs 10-50 s to start on a busy 2-core machine; Prefect's default is 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_HOME": str(CODE_ROOT / ".prefect"),  # the ephemeral run database lives with the checkout (git-ignored)
+}
+
+
+def apply_env_defaults() -> None:
+    """Set the offline/quick defaults unless the user already chose otherwise."""
+    user_profiles = Path.home() / ".prefect" / "profiles.toml"
+    if "PREFECT_HOME" not in os.environ and "PREFECT_PROFILES_PATH" not in os.environ and user_profiles.is_file():
+        # Moving PREFECT_HOME would also hide a profile made with `prefect config set PREFECT_API_URL=...`.
+        os.environ["PREFECT_PROFILES_PATH"] = str(user_profiles)
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+# ----- params.yaml -----
+
+
+def load_params(path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read params.yaml (the single source of every pipeline default), then apply `key.sub=value` overrides."""
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("params file not found; run from the project root or pass --params <file>", path) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise InputError(f"invalid YAML ({getattr(exc, 'problem', exc)}); fix the file", path, mark.line + 1 if mark else None) from None
+    if not isinstance(params, dict):
+        raise InputError("expected a mapping of sections (prepare:, finetune:, ...) at the top level", path)
+    for item in overrides or []:
+        set_dotted(params, item, path)
+    return params
+
+
+def set_dotted(params: dict[str, Any], assignment: str, source: str | os.PathLike = "--set") -> None:
+    """Apply one `section.key=value` override; the value is parsed as YAML (so 8 is an int, true a bool)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise InputError(f"override {assignment!r} is not key=value (e.g. finetune.lora_dim=8)", source)
+    *parents, leaf = key.split(".")
+    node = params
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise InputError(f"override {assignment!r}: {part} is not a section", source)
+    node[leaf] = yaml.safe_load(raw)
+
+
+def section(params: dict[str, Any], name: str, source: str | os.PathLike) -> dict[str, Any]:
+    """One top-level section, with an error that says which one is missing."""
+    value = params.get(name)
+    if not isinstance(value, dict):
+        raise InputError(f"missing section '{name}:'; copy it from the project's params.yaml", source)
+    return value
+
+
+def require(block: dict[str, Any], keys: list[str], where: str, source: str | os.PathLike) -> None:
+    """Fail early, with every missing key named, instead of deep inside a run."""
+    missing = [k for k in keys if k not in block]
+    if missing:
+        raise InputError(f"section '{where}' lacks {', '.join(missing)}; copy them from the project's params.yaml", source)
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'finetune': {'lr': 2e-4}} -> {'finetune.lr': 2e-4}: how the params appear in MLflow."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def resolve_path(project_dir: Path, value: str | os.PathLike) -> Path:
+    """Paths in params.yaml are relative to the project root (where dvc.yaml runs its commands)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else project_dir / path
+
+
+def tracking_uri(tracking: dict[str, Any], project_dir: Path) -> str:
+    """MLFLOW_TRACKING_URI wins, then tracking.tracking_uri from params.yaml.
+
+    A relative sqlite path would be resolved against each process's own working directory (torchrun
+    ranks, DVC stages), so it is always made absolute here.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking["tracking_uri"]
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(resolve_path(project_dir, uri[len(prefix) :]))
+    return uri
