@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -398,12 +397,6 @@ def _meteor_score_line(hypothesis: str, references: Sequence[str]) -> bytes:
     return (" ||| ".join(fields) + "\n").encode("utf-8")
 
 
-def corpus_meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Corpus-level METEOR 1.5 of already tokenised texts."""
-    with Meteor() as meteor:
-        return meteor.corpus_score(hypotheses, references)[0]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # ROUGE-L and CIDEr-D (the COCO caption toolkit's definitions, on PTB-tokenised text)
 # ---------------------------------------------------------------------------------------------------------------
@@ -703,13 +696,3 @@ def _check_instances(hypotheses: Sequence[str], references: Sequence[Sequence[st
     empty = next((i for i, refs in enumerate(references) if not refs), None)
     if empty is not None:
         raise ValueError(f"instance {empty + 1} has no references")
-
-
-def java_status() -> str:
-    """A one-line description of the Java runtime, for logs."""
-    java = shutil.which("java")
-    if java is None:
-        return "java: not found"
-    result = subprocess.run([java, "-version"], capture_output=True, text=True, check=False, env={**os.environ})
-    first = (result.stderr or result.stdout).splitlines()
-    return f"java: {java} ({first[0] if first else 'unknown version'})"
