@@ -344,13 +344,17 @@ class Meteor:
         java = require_java()
         jar_dir = pycocoevalcap_dir() / "meteor"
         cmd = [java, "-Dfile.encoding=UTF-8", "-jar", f"-Xmx{heap}", "meteor-1.5.jar", "-", "-", "-stdio", "-l", language, "-norm"]
-        self.process = subprocess.Popen(cmd, cwd=jar_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # stderr goes to a file: an unread pipe could fill up and stall Java.
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        self.process = subprocess.Popen(cmd, cwd=jar_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
 
     def _readline(self) -> str:
         line = self.process.stdout.readline()
         if not line:
-            err = self.process.stderr.read().decode(errors="replace")[-2000:]
-            raise RuntimeError(f"METEOR exited unexpectedly (is the heap too small?): {err}")
+            self.process.wait()
+            self.stderr.seek(0)
+            err = self.stderr.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"METEOR exited unexpectedly (exit {self.process.returncode}; is the heap too small?): {err}")
         return line.decode("utf-8").strip()
 
     def corpus_score(self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
@@ -359,9 +363,10 @@ class Meteor:
 
         # Write all SCORE lines from a thread while this one reads the answers, so neither pipe can fill up.
         def feed() -> None:
-            for line in score_lines:
-                self.process.stdin.write(line)
-            self.process.stdin.flush()
+            with contextlib.suppress(OSError):  # Java died: the reader below reports why
+                for line in score_lines:
+                    self.process.stdin.write(line)
+                self.process.stdin.flush()
 
         writer = threading.Thread(target=feed, daemon=True)
         writer.start()
@@ -373,12 +378,13 @@ class Meteor:
         return float(self._readline()), per_instance
 
     def close(self) -> None:
-        if self.process.poll() is None:
+        with contextlib.suppress(OSError):  # a Java that already died leaves a broken pipe behind
             self.process.stdin.close()
+        if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+        self.process.wait()
         self.process.stdout.close()
-        self.process.stderr.close()
+        self.stderr.close()
 
     def __enter__(self) -> Meteor:
         return self

@@ -256,6 +256,14 @@ def test_meteor_is_corpus_level_and_orders_outputs() -> None:
     assert uneven != pytest.approx(sum(uneven_parts) / 2, abs=1e-6)
 
 
+@needs_java
+def test_meteor_failure_reports_javas_message(tmp_path, monkeypatch) -> None:
+    (tmp_path / "meteor").mkdir()
+    monkeypatch.setattr(m, "pycocoevalcap_dir", lambda: tmp_path)  # no jar there: Java exits at once
+    with pytest.raises(RuntimeError, match=r"METEOR exited unexpectedly.*meteor-1\.5\.jar"), m.Meteor() as meteor:
+        meteor.corpus_score(["a"], [["a"]])
+
+
 def test_instance_checks() -> None:
     with pytest.raises(ValueError, match="2 hypotheses but 1"):
         m.e2e_scores(["a", "b"], [["a"]], with_meteor=False)
