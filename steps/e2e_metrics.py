@@ -115,38 +115,44 @@ BLEU_SMALL = 1e-9  # ...and zero n-gram totals at this, so BLEU is always define
 
 
 def corpus_bleu(
-    hypotheses: Sequence[str],
-    references: Sequence[Sequence[str]],
-    max_n: int = 4,
-    lowercase: bool = True,
-    zero_if_no_match: bool = False,
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4, variant: str = "pymteval"
 ) -> float:
-    """Corpus BLEU with multiple references, as pymteval (and mteval-v13a) compute it.
+    """Corpus BLEU with multiple references.
 
-    Clipped n-gram hits against the per-n-gram maximum over the instance's references; the reference length of an
-    instance is the one closest to the hypothesis length (ties: the shorter); BP = exp(1 - r/c) when c <= r.
-    The per-order candidate total is `len(hyp) - n + 1`, negative for hypotheses shorter than n: pymteval adds
-    those negative numbers too, and so do we.
-    `zero_if_no_match=True` is multi-bleu(-detok).perl's rule (a zero precision makes BLEU 0) instead of
-    pymteval's floors; `lowercase=False` makes it case-sensitive (multi-bleu-detok without -lc).
+    Both variants: mteval-v13a tokenisation, clipped n-gram hits against the per-n-gram maximum over the instance's
+    references, reference length = the one closest to the hypothesis length (ties: the shorter),
+    BP = exp(1 - r/c) when c < r.
+    variant="pymteval" (the E2E scorer's -p mode): case-insensitive; the per-order candidate total is
+    `len(hyp) - n + 1` even when negative (pymteval adds those too); an empty output is one empty word; zero hits
+    and totals are floored at 1e-15 / 1e-9 so BLEU is never undefined.
+    variant="multi-bleu-detok" (GenerationEval's BLEU for WebNLG/DART): case-sensitive, totals count real n-grams,
+    an empty output has no words, and any zero precision makes BLEU 0.
     """
+    if variant not in ("pymteval", "multi-bleu-detok"):
+        raise ValueError(f"unknown BLEU variant {variant!r}; expected 'pymteval' or 'multi-bleu-detok'")
+    python = variant == "pymteval"
     hits = [0] * max_n
     totals = [0] * max_n
     ref_len = 0
     for hyp_text, ref_texts in zip(hypotheses, references, strict=True):
         hyp = mteval_tokenize(hyp_text)
         refs = [mteval_tokenize(r) for r in ref_texts]
-        if lowercase:
+        if python:
             hyp, refs = _lower(hyp), [_lower(r) for r in refs]
+        else:
+            hyp, refs = [t for t in hyp if t], [[t for t in r if t] for r in refs]
         for n in range(1, max_n + 1):
             hits[n - 1] += sum(clipped_hits(hyp, refs, n).values())
-            totals[n - 1] += len(hyp) - n + 1
+            totals[n - 1] += len(hyp) - n + 1 if python else max(len(hyp) - n + 1, 0)
         ref_len += min((len(r) for r in refs), key=lambda length: (abs(length - len(hyp)), length))
-    if zero_if_no_match and min(hits) == 0:
-        return 0.0
-    log_precision = sum(math.log(max(h, BLEU_TINY) / max(t, BLEU_SMALL)) for h, t in zip(hits, totals)) / max_n
     sys_len = totals[0]
-    brevity = 1.0 if sys_len > ref_len else math.exp(1.0 - ref_len / (sys_len if sys_len else 1e-5))
+    if python:
+        log_precision = sum(math.log(max(h, BLEU_TINY) / max(t, BLEU_SMALL)) for h, t in zip(hits, totals)) / max_n
+    elif min(hits) == 0:
+        return 0.0
+    else:
+        log_precision = sum(math.log(h / t) for h, t in zip(hits, totals)) / max_n
+    brevity = 1.0 if sys_len >= ref_len else math.exp(1.0 - ref_len / (sys_len if sys_len else 1e-5))
     return brevity * math.exp(log_precision)
 
 
@@ -683,7 +689,7 @@ def generation_scores(
         meteor = stack.enter_context(Meteor()) if with_meteor else None
         scores: dict[str, object] = {}
         step("BLEU")
-        scores["BLEU"] = corpus_bleu(hypotheses, references, lowercase=False, zero_if_no_match=True)
+        scores["BLEU"] = corpus_bleu(hypotheses, references, variant="multi-bleu-detok")
         step("TER")
         scores["TER"] = mean_ter(hypotheses, references)
         if meteor is not None:

@@ -54,7 +54,7 @@ def test_bleu_clipping_and_zero_floors() -> None:
     # "the" matches at most once (clipped by the reference count); higher orders have no hits and use pymteval's floors.
     expected = math.exp((math.log(1 / 4) + math.log(1e-15 / 3) + math.log(1e-15 / 2) + math.log(1e-15 / 1)) / 4)
     assert m.corpus_bleu(["the the the the"], [["the cat"]]) == pytest.approx(expected, rel=1e-12)
-    assert m.corpus_bleu(["the the the the"], [["the cat"]], zero_if_no_match=True) == 0.0
+    assert m.corpus_bleu(["the the the the"], [["the cat"]], variant="multi-bleu-detok") == 0.0
 
 
 def test_bleu_clips_against_the_best_single_reference_not_the_sum() -> None:
@@ -63,15 +63,23 @@ def test_bleu_clips_against_the_best_single_reference_not_the_sum() -> None:
     assert m.corpus_bleu(["a a"], [["a b", "b a"]]) == pytest.approx(expected, rel=1e-12)
 
 
-def test_bleu_is_case_insensitive_unless_asked() -> None:
+def test_bleu_is_case_insensitive_in_pymteval_and_case_sensitive_in_multi_bleu_detok() -> None:
     assert m.corpus_bleu(["The Cat Sat Down"], [["the cat sat down"]]) == pytest.approx(1.0)
-    assert m.corpus_bleu(["The Cat Sat Down"], [["the cat sat down"]], lowercase=False, zero_if_no_match=True) == 0.0
+    assert m.corpus_bleu(["The Cat Sat Down"], [["the cat sat down"]], variant="multi-bleu-detok") == 0.0
+    # "The" vs "the": p1 = 3/4, p2 = 2/3, p3 = 1/2, p4 = 0 -> multi-bleu-detok gives 0.
+    assert m.corpus_bleu(["The cat sat down"], [["the cat sat down"]], variant="multi-bleu-detok") == 0.0
+    expected = math.exp((math.log(4 / 5) + math.log(3 / 4) + math.log(2 / 3) + math.log(1 / 2)) / 4)
+    assert m.corpus_bleu(["The cat sat down ."], [["the cat sat down ."]], variant="multi-bleu-detok") == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="variant"):
+        m.corpus_bleu(["a"], [["a"]], variant="sacre")
 
 
 def test_bleu_adds_negative_ngram_totals_of_short_hypotheses_like_pymteval() -> None:
     # hyp1 = ref1 has 6 words; hyp2 = ref2 has 1 word and contributes 1-n+1 (< 0) candidate n-grams for n >= 3.
     # p1 = 7/7, p2 = 5/5, p3 = 4/(4-1), p4 = 3/(3-2); c = r = 7 so BP = 1; BLEU = (4/3 * 3)^(1/4) = sqrt(2).
     assert m.corpus_bleu(["a b c d e f", "x"], [["a b c d e f"], ["x"]]) == pytest.approx(math.sqrt(2), rel=1e-12)
+    # multi-bleu-detok counts only real n-grams: every precision is 1.
+    assert m.corpus_bleu(["a b c d e f", "x"], [["a b c d e f"], ["x"]], variant="multi-bleu-detok") == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- NIST
