@@ -9,7 +9,7 @@ E2E (`tuetschek/e2e-metrics`, `measure_scores.py -p`, the form the LoRA README r
     ROUGE-L and CIDEr-D are re-implemented here (checked against `pycocoevalcap` in the tests) because they are
     short and ours are several times faster.
 WebNLG / DART (the GenerationEval script the LoRA README points to): BLEU (multi-bleu-detok: mteval tokenisation,
-case-sensitive, no smoothing), METEOR 1.5 and TER with shifts.
+case-sensitive, no smoothing), METEOR 1.5 and TER (pyter's greedy shift search, as GenerationEval uses it).
 
 All scores are fractions (BLEU 0.6593, not 65.93), as the E2E scorer prints them. This module is plain Python:
 no MLflow, Prefect or DVC.

@@ -196,7 +196,7 @@ def build_table(contexts: Sequence[str] | None, predictions: Sequence[str], refe
 # ---------------------------------------------------------------------------------------------------------------
 
 
-Inputs = tuple[list[str], list[list[str]], "list[str] | None"]
+Inputs = tuple[list[str], list[list[str]], list[str] | None]  # predictions, references per instance, contexts
 
 
 def load_inputs(ref_path: Path, pred_path: Path, ref_type: str = "e2e", with_meteor: bool = True, predictions_jsonl: Path | None = None) -> Inputs:
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = e2e_metrics.E2E_METRICS if args.ref_type == "e2e" else e2e_metrics.GENERATION_METRICS
     print(format_scores(record, names))
     if record.get("ptb_tokenizer") == "python-approximation":
-        print("note: Java not found; ROUGE_L and CIDEr used the pure-Python approximation of the PTB tokeniser", file=sys.stderr)
+        print("note: Java not found; ROUGE_L and CIDEr used the pure-Python approximation of the PTB tokeniser")
     if args.json:
         write_json(args.json, record)
     if args.mlflow_run_file:
