@@ -264,6 +264,9 @@ class Trainer:
         self.model = build_model(args)
         self.train_set, self.valid_set = load_data(args, self.model.config.vocab_size)
         self.model.to(env.device)
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        if self.amp_dtype is not None and self.model.lora_config is not None:
+            self.model.store_frozen_matrices_in(self.amp_dtype)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         loss_module = LossModule(self.model, args.label_smooth)
         if env.world > 1:
@@ -286,7 +289,6 @@ class Trainer:
             self.log(f"warning: --scheduler {args.scheduler} means a constant learning rate (as in the original)")
         if self.max_step <= 0:
             raise InputError(f"nothing to train: max_step is {self.max_step} (with --scheduler cycle it is the last of --i_steps)")
-        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
         self.step = 0  # optimizer updates done
         self.epoch = 1  # epochs count from 1, as in the original

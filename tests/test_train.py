@@ -176,3 +176,30 @@ def test_train_and_valid_encoded_differently_are_refused(tmp_path, capsys):
     code = main(tiny_run_args(tmp_path / "data", tmp_path / "run", train_data=data / "train.jsonl", valid_data=data / "valid.jsonl"))
     assert code == 2
     assert "encoded with different settings" in capsys.readouterr().err
+
+
+def test_frozen_weights_stored_in_bf16_give_the_same_losses_and_grads_as_autocast(tmp_path):
+    import copy
+
+    from helpers import write_encoded
+
+    torch.manual_seed(0)
+    model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32))
+    from steps.lora import mark_only_lora_trainable
+
+    mark_only_lora_trainable(model)
+    with torch.no_grad():
+        for block in model.h:
+            block.attn.c_attn.lora_B.normal_(std=0.01)
+    stored = copy.deepcopy(model)
+    stored.store_frozen_matrices_in(torch.bfloat16)
+    assert stored.h[0].mlp.c_fc.weight.dtype == torch.bfloat16 and stored.h[0].ln_1.weight.dtype == torch.float32
+    batch = collate(build_examples(load_encoded(write_encoded(tmp_path / "d.jsonl", 6, seed=4)), 512))
+    results = []
+    for m in (model, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = masked_lm_loss(m, batch, 0.1)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
