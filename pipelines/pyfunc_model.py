@@ -9,8 +9,8 @@ for every adapter); loading finds them, in this order:
 2. the environment variable LORA_NLG_BASE_CHECKPOINT;
 3. `base_path`, the path recorded when the model was logged, if that file still exists.
 
-When a sha256 was recorded, the file found must match it (an adapter on the wrong base generates
-nonsense, so this fails loudly instead).
+The file found must have the sha256 the adapter recorded (an adapter on the wrong base generates
+nonsense, so loading fails loudly instead; steps.decode checks it).
 
 `predict(df)` takes a DataFrame with a `meaning_representation` (or `context`) column and returns one
 generated text per row, decoded with the stored beam settings. Rows with the same input are decoded once.
@@ -32,29 +32,26 @@ DECODING_KEYS = ("beam", "length_penalty", "no_repeat_ngram_size", "repetition_p
 
 
 def find_base_checkpoint(config: dict[str, Any]) -> Path:
-    """The base weights for this adapter (see the module docstring for the order), checked against the recorded sha256."""
-    from steps.checkpoints import sha256_file
+    """The base weights for this adapter, in the order of the module docstring.
+
+    The sha256 check against the adapter's recorded base happens in steps.decode.load_for_inference.
+    """
     from steps.common import InputError
 
-    candidates = [("model_config init_checkpoint", config.get("init_checkpoint")), (BASE_ENV, os.environ.get(BASE_ENV)),
-                  ("the path recorded at logging time", config.get("base_path"))]
-    for origin, value in candidates:
-        if not value:
-            continue
-        path = Path(value).expanduser()
-        if not path.is_file():
-            if origin.startswith("the path recorded"):
-                break
-            raise InputError(f"base checkpoint from {origin} does not exist", path)
-        expected = config.get("base_sha256")
-        if expected and sha256_file(path) != expected:
-            raise InputError(f"base checkpoint from {origin} has sha256 {sha256_file(path)[:12]}..., but this adapter was trained "
-                             f"on {expected[:12]}...; point at the right base ({config.get('model_card')})", path)
-        return path
+    chosen = [("model_config init_checkpoint", config.get("init_checkpoint")), (BASE_ENV, os.environ.get(BASE_ENV))]
+    for origin, value in chosen:
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise InputError(f"base checkpoint from {origin} does not exist", path)
+            return path
+    recorded = config.get("base_path")
+    if recorded and Path(recorded).is_file():
+        return Path(recorded)
     raise InputError(
-        f"cannot find the base checkpoint for this adapter ({config.get('model_card')}, sha256 {str(config.get('base_sha256'))[:12]}...; "
-        f"recorded at {config.get('base_path')}): set {BASE_ENV}=/path/to/model.safetensors or load with "
-        "model_config={'init_checkpoint': '/path/to/model.safetensors'}"
+        f"cannot find the base checkpoint for this adapter ({config.get('model_card')}, sha256 {str(config.get('base_sha256'))[:12]}..., "
+        f"recorded at {recorded}): set {BASE_ENV}=/path/to/model.safetensors or load with "
+        "mlflow.pyfunc.load_model(uri, model_config={'init_checkpoint': '/path/to/model.safetensors'})"
     )
 
 

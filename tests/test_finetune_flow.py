@@ -1,0 +1,325 @@
+"""The finetune flow as a real Prefect flow run: torchrun, MLflow store, registry, pyfunc model, retries.
+
+One tiny training (gpt2.tiny, 12 updates) is shared by most assertions; the fault-injection test runs
+the same configuration again, kills the trainer from outside after its first checkpoint, and compares
+the final adapter with the uninterrupted one. An `mlflow server` then answers REST calls about the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "finetune": {"max_step": 12, "warmup_step": 2, "log_interval": 4, "eval_interval": 6, "save_interval": 4, "train_batch_size": 4,
+                 "valid_batch_size": 8},
+    "flow": {"retries": 2, "retry_delay_seconds": 0},
+    "decode": {"beam": 2, "eval_len": 8, "batch_size": 4},
+    "tracking": {"experiment": "flow-test", "registered_model": "flow-test-adapter", "alias": "candidate"},
+}
+
+
+def make_project(root: Path) -> None:
+    """Tiny real inputs through the real stages: sample -> prepare -> encode, and a random gpt2.tiny base."""
+    from steps import encode, make_base, prepare
+
+    assert prepare.main(["--dataset", "sample", "--out_dir", str(root / "data/formatted"), "--sample_train_mrs", "40",
+                         "--sample_valid_mrs", "4", "--sample_test_mrs", "3"]) == 0
+    assert encode.main(["--input_dir", str(root / "data/formatted"), "--output_dir", str(root / "data/encoded"),
+                        "--add_bos", "--add_eos"]) == 0
+    assert make_base.main(["--model_card", "gpt2.tiny", "--seed", "0", "--output", str(root / "models/base/model.safetensors")]) == 0
+
+
+def write_params(root: Path, name: str, work_dir: str, run_file: str) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    params["finetune"]["work_dir"] = work_dir
+    params["tracking"]["run_file"] = run_file
+    params["tracking"]["tracking_uri"] = "sqlite:///mlflow.db"  # relative on purpose: the flow must make it absolute
+    params["flow"].update({key: f"{name}/{Path(value).name}" for key, value in params["flow"].items() if key.endswith(("_plot", "_summary", "_png"))})
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A throw-away Prefect API (temporary sqlite DB) for the in-process flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_api) -> Path:
+    root = tmp_path_factory.mktemp("flow-project")
+    make_project(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(project, monkeypatch_module):
+    """One complete, uninterrupted flow run."""
+    from pipelines.finetune import finetune
+
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params_file = write_params(project, "first", "models/first", "models/first_run.json")
+    state = finetune(params_file=str(params_file), project_dir=str(project), return_state=True)
+    return {"state": state, "params_file": params_file, "result": state.result() if state.is_completed() else None}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def client(project):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def test_flow_run_completes_and_writes_its_outputs(first_run, project):
+    assert first_run["state"].is_completed(), first_run["state"]
+    result = first_run["result"]
+    assert result["summary"]["steps"] == 12
+    assert (project / "models/first/adapter.safetensors").is_file()
+    record = json.loads((project / "models/first_run.json").read_text())
+    assert record["run_id"] == result["run_id"]
+    assert record["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}"  # made absolute for the ranks
+    train_rows = (project / "first/train_loss.csv").read_text().splitlines()
+    assert train_rows[0] == "step,loss,nll" and [r.split(",")[0] for r in train_rows[1:]] == ["4", "8", "12"]
+    assert [r.split(",")[0] for r in (project / "first/valid_loss.csv").read_text().splitlines()[1:]] == ["6", "12"]
+    assert json.loads((project / "first/train_summary.json").read_text())["steps"] == 12
+    assert (project / "first/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mlflow_run_holds_params_metrics_and_checkpoints(first_run, client):
+    from pipelines.settings import flatten, load_params
+
+    run = client.get_run(first_run["result"]["run_id"])
+    assert run.info.status == "FINISHED"
+    expected = {key: str(value) for key, value in flatten(load_params(first_run["params_file"])).items()}
+    assert {k: run.data.params[k] for k in expected} == expected
+    for key in ("resolved.git_commit", "resolved.world_size", "resolved.max_step", "data.md5.train_data", "data.md5.valid_data",
+                "data.md5.init_checkpoint"):
+        assert key in run.data.params
+    assert run.data.params["resolved.max_step"] == "12" and run.data.params["resolved.world_size"] == "1"
+    train_loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in train_loss) == [4, 8, 12]  # one point per log interval
+    logged = (first_run["params_file"].parent / "first/train_loss.csv").read_text().splitlines()[1:]
+    assert [round(m.value, 6) for m in sorted(train_loss, key=lambda m: m.step)] == [round(float(r.split(",")[1]), 6) for r in logged]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid/loss")) == [6, 12]
+    for name in ("train/lr", "train/nll", "train/ppl", "train/tokens_per_s", "train/ms_per_update", "valid/ppl"):
+        assert name in run.data.metrics
+    checkpoints = [f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert {"checkpoints/step_4", "checkpoints/step_8"} <= set(checkpoints)
+    assert sorted(f.path for f in client.list_artifacts(run.info.run_id, "checkpoints/step_4")) == [
+        "checkpoints/step_4/adapter.safetensors", "checkpoints/step_4/adapter_config.json"]
+    assert run.data.tags["prefect.flow_run_id"] == str(first_run["state"].state_details.flow_run_id)
+
+
+def test_registered_model_alias_points_at_the_run(first_run, client):
+    version = client.get_model_version_by_alias("flow-test-adapter", "candidate")
+    assert version.run_id == first_run["result"]["run_id"]
+    assert int(version.version) == first_run["result"]["version"]
+
+
+def test_pyfunc_model_loads_by_alias_and_generates(first_run, project, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    import steps.decode as decode
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/flow-test-adapter@candidate")
+    mrs = ["name[The Eagle], eatType[coffee shop], area[riverside]", "name[Zizzi], food[Italian]",
+           "name[The Eagle], eatType[coffee shop], area[riverside]"]
+    texts = model.predict(pd.DataFrame({"meaning_representation": mrs}))
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert texts[0] == texts[2]
+    assert model.predict(pd.DataFrame({"context": mrs[:2]})) == texts[:2]
+    # Independent reference: the same adapter and base decoded directly with the settings stored in the model.
+    config = model.metadata.flavors["python_function"]["config"]
+    assert config["beam"] == 2 and config["eval_len"] == 8 and config["eos_token_ids"] == [628, 50256]
+    direct = decode.load_for_inference(adapter=str(project / "models/first"), init_checkpoint=str(project / "models/base/model.safetensors"))
+    settings = {key: config[key] for key in ("beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "eos_token_ids",
+                                             "min_length", "eval_len", "seq_len", "batch_size", "add_bos")}
+    assert texts[:2] == decode.generate_texts(direct, mrs[:2], **settings)
+    # The logged model carries the adapter and the code, not the base weights.
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/flow-test-adapter@candidate", dst_path=str(tmp_path)))
+    names = {p.name for p in local.rglob("*")}
+    assert {"adapter.safetensors", "adapter_config.json", "pyfunc_model.py", "decode.py"} <= names
+    assert "model.safetensors" not in names
+    assert sum(p.stat().st_size for p in local.rglob("*") if p.is_file()) < 2_000_000
+
+
+def test_pyfunc_model_needs_the_right_base(first_run, project, tmp_path, monkeypatch):
+    import mlflow
+
+    from steps.common import InputError
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    other_base = tmp_path / "other.safetensors"
+    from steps import make_base
+
+    assert make_base.main(["--model_card", "gpt2.tiny", "--seed", "1", "--output", str(other_base)]) == 0
+    with pytest.raises(InputError, match="sha256"):
+        mlflow.pyfunc.load_model("models:/flow-test-adapter@candidate", model_config={"init_checkpoint": str(other_base)})
+    monkeypatch.setenv("LORA_NLG_BASE_CHECKPOINT", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(InputError, match="LORA_NLG_BASE_CHECKPOINT"):
+        mlflow.pyfunc.load_model("models:/flow-test-adapter@candidate")
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+
+def processes() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, command line, working directory), from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            table[int(entry.name)] = (ppid, cmdline, os.readlink(entry / "cwd"))
+    return table
+
+
+def kill_trainer_after_first_checkpoint(project: Path, work_dir: str, killed: list[int], timeout: float = 300) -> None:
+    """From outside the flow: once a checkpoint and its resume state exist, SIGKILL the ranks torchrun started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (project / work_dir / "checkpoints/step_4/adapter.safetensors").is_file() and (project / work_dir / "resume/state.pt").is_file():
+            table = processes()
+            launchers = {pid for pid, (_, cmd, cwd) in table.items()
+                         if "torch.distributed.run" in cmd and f"--work_dir {work_dir}" in cmd and cwd == str(project)}
+            ranks = [pid for pid, (ppid, cmd, _) in table.items() if ppid in launchers and "steps.train" in cmd]
+            for pid in ranks:
+                os.kill(pid, signal.SIGKILL)
+            killed.extend(ranks)
+            if ranks:
+                return
+        time.sleep(0.05)
+
+
+def test_killed_trainer_is_retried_resumes_and_matches_the_uninterrupted_run(first_run, project):
+    import torch
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from safetensors.torch import load_file
+
+    from pipelines.finetune import finetune
+
+    params_file = write_params(project, "killed", "models/killed", "models/killed_run.json")
+    killed: list[int] = []
+    watcher = threading.Thread(target=kill_trainer_after_first_checkpoint, args=(project, "models/killed", killed), daemon=True)
+    watcher.start()
+    state = finetune(params_file=str(params_file), project_dir=str(project), return_state=True)
+    watcher.join(5)
+    assert killed, "the trainer was never killed (no checkpoint seen)"
+    assert state.is_completed(), state
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as prefect:
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        train_runs = [t for t in task_runs if t.name.startswith("train-")]
+        assert len(train_runs) == 1 and train_runs[0].run_count == 2  # failed once, retried once
+        deadline, messages = time.monotonic() + 30, []
+        while time.monotonic() < deadline and not any("resumed from" in m for m in messages):
+            messages = [log.message for log in prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+            time.sleep(1)
+    assert any("resumed from" in m for m in messages), "the retry did not resume from the checkpoint"
+    assert any("exitcode" in m and "-9" in m for m in messages)  # torchrun's report of the kill reached the flow's logs
+
+    final = load_file(str(project / "models/killed/adapter.safetensors"))
+    reference = load_file(str(project / "models/first/adapter.safetensors"))
+    assert final.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(final[name], reference[name]), name
+
+
+# ----------------------------------------------------------------------------- MLflow server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(project, first_run, tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=project, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                    if response.read().strip() == b"OK":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_mlflow_server_answers_rest_calls_about_the_run(mlflow_server, first_run, client):
+    run_id = first_run["result"]["run_id"]
+    history = get_json(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=train/loss")
+    assert sorted(int(m["step"]) for m in history["metrics"]) == [4, 8, 12]
+    listing = get_json(f"{mlflow_server}/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=checkpoints")
+    assert {"checkpoints/step_4", "checkpoints/step_8"} <= {f["path"] for f in listing["files"]}
+    version = get_json(f"{mlflow_server}/api/2.0/mlflow/model-versions/get?name=flow-test-adapter&version={first_run['result']['version']}")
+    assert version["model_version"]["run_id"] == run_id
+    alias = get_json(f"{mlflow_server}/api/2.0/mlflow/registered-models/alias?name=flow-test-adapter&alias=candidate")
+    assert alias["model_version"]["run_id"] == client.get_model_version_by_alias("flow-test-adapter", "candidate").run_id
+    assert "candidate" in [a["alias"] for a in get_json(f"{mlflow_server}/api/2.0/mlflow/registered-models/get?name=flow-test-adapter")
+                           ["registered_model"].get("aliases", [])]
+    run = get_json(f"{mlflow_server}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
+    assert run["info"]["status"] == "FINISHED"
+    assert {p["key"]: p["value"] for p in run["data"]["params"]}["finetune.lora_dim"] == "4"
