@@ -9,6 +9,8 @@ Variants (each in its own subprocess, so peak memory is per variant):
   ours        (a)  this project's trainer at its defaults: steps.train.Trainer.train_update on batches padded to their
                    own length, fp32, LM head and loss only on the loss positions
   ours_bf16   (a') the same with --precision bf16 (autocast)
+  ours_bucket (a)  fp32 with the trainer's --bucket_window 800 (length-sorted windows: little padding); this variant
+                   draws its own (bucketed) updates from the same data, so compare its examples/s, not its losses
   ours_graph  (a'') GPU: bf16, and the whole update (forward, backward, capturable AdamW) recorded in one CUDA graph
                    per (length, loss-positions) bucket and replayed; a prototype here, not yet a trainer option.
                    On the CPU it runs the same static-shape step eagerly (a correctness check, not a speed-up)
@@ -72,6 +74,7 @@ from steps.optim import AdamW, build_scheduler, param_groups_for
 VARIANTS = {
     "ours": "(a) ours, defaults (fp32)",
     "ours_bf16": "(a') ours, bf16 autocast",
+    "ours_bucket": "(a) ours, fp32 + --bucket_window 800",
     "ours_graph": "(a'') ours, bf16 + CUDA graph per bucket",
     "reference": "(b) reference-equivalent (pad 512, fp32, full LM head)",
     "peft_fp32": "(c) transformers + peft, fp32",
@@ -84,6 +87,9 @@ GPU_DEFAULT = "ours,ours_bf16,ours_graph,reference,peft_bf16"
 RECIPE = dict(lora_dim=4, lora_alpha=32, lora_dropout=0.1, label_smooth=0.1, lr=2e-4, weight_decay=0.01,
               adam_beta1=0.9, adam_beta2=0.999, adam_epislon=1e-6, warmup_step=500, max_step=26290, seq_len=512)
 PAPER_UPDATES = 26290
+# The trainer's settings per trainer-based variant: --precision, --pad, --bucket_window.
+TRAINER_VARIANTS = {"ours": ("fp32", "batch", 0), "ours_bf16": ("bf16", "batch", 0), "ours_bucket": ("fp32", "batch", 800),
+                    "reference": ("fp32", "fixed", 0)}
 GRAPH_T_STEP = 16  # the graph variant rounds sequence lengths up to a multiple of this ...
 GRAPH_P_STEP = 64  # ... and the number of loss positions up to a multiple of this (one graph per pair)
 
@@ -137,13 +143,13 @@ def update_flops(cfg: GPT2Config, lengths: list[int], loss_positions: int) -> fl
 # ---------------------------------------------------------------------------------------------- the plan
 
 
-def update_plan(examples: list[Example], batch: int, seed: int, count: int) -> list[list[int]]:
+def update_plan(examples: list[Example], batch: int, seed: int, count: int, bucket_window: int = 0) -> list[list[int]]:
     """The example indices of the first `count` updates, exactly as the trainer orders them (epochs 1, 2, ...)."""
     lengths = [len(e.input) for e in examples]
     plan: list[list[int]] = []
     epoch = 1
     while len(plan) < count:
-        plan += [update[0] for update in epoch_updates(lengths, batch, 1, 0, seed, epoch)]
+        plan += [update[0] for update in epoch_updates(lengths, batch, 1, 0, seed, epoch, bucket_window=bucket_window)]
         epoch += 1
     return plan[:count]
 
@@ -181,22 +187,23 @@ class ReferenceLossModule(nn.Module):
         return (loss * mask).sum(), (nll * mask).sum()
 
 
-def trainer_args(encoded: Path, settings: dict[str, Any], precision: str, pad: str, work_dir: str) -> argparse.Namespace:
+def trainer_args(encoded: Path, settings: dict[str, Any], variant: str, work_dir: str) -> argparse.Namespace:
     from steps.train import parse_args
 
+    precision, pad, bucket_window = TRAINER_VARIANTS[variant]
     argv = ["--train_data", str(encoded), "--valid_data", str(encoded), "--model_card", settings["model_card"],
             "--train_batch_size", str(settings["batch"]), "--random_seed", str(settings["seed"]), "--correct_bias",
-            "--precision", precision, "--pad", pad, "--work_dir", work_dir, "--device", settings["device_type"],
-            "--scheduler", "linear", "--log_interval", "1000000", "--eval_interval", "1000000"]
+            "--precision", precision, "--pad", pad, "--bucket_window", str(bucket_window), "--work_dir", work_dir,
+            "--device", settings["device_type"], "--scheduler", "linear", "--log_interval", "1000000", "--eval_interval", "1000000"]
     for key, value in RECIPE.items():
         argv += [f"--{key}", str(value)]
     return parse_args(argv)
 
 
-def make_trainer(settings: dict[str, Any], precision: str, pad: str, work_dir: str):
+def make_trainer(settings: dict[str, Any], variant: str, work_dir: str):
     from steps.train import Dist, Trainer
 
-    args = trainer_args(Path(settings["encoded"]), settings, precision, pad, work_dir)
+    args = trainer_args(Path(settings["encoded"]), settings, variant, work_dir)
     return Trainer(args, Dist(0, 1, torch.device(settings["device"])))
 
 
@@ -211,16 +218,14 @@ def first_batch_loss(loss_module: nn.Module, batch: dict[str, torch.Tensor]) -> 
 
 def run_trainer_variant(variant: str, settings: dict[str, Any], plan: list[list[int]], work_dir: str) -> dict[str, Any]:
     """(a), (a'), (b): time Trainer.train_update on the trainer's own batches (collate and transfer included)."""
-    precision = "bf16" if variant == "ours_bf16" else "fp32"
-    pad = "fixed" if variant == "reference" else "batch"
-    trainer = make_trainer(settings, precision, pad, work_dir)
+    trainer = make_trainer(settings, variant, work_dir)
     if [u[0] for u in trainer.epoch_plan(1)[: len(plan)]] != plan[: trainer.updates_per_epoch]:
         raise RuntimeError("the trainer's update plan differs from the benchmark's: the variants would not see the same data")
     if variant == "reference":
         trainer.loss_module = ReferenceLossModule(trainer.model, trainer.args.label_smooth)
     trainer.loss_module.train()
     first = trainer.next_update_batches()
-    parity = first_batch_loss(trainer.loss_module, first[0]) if precision == "fp32" else None
+    parity = first_batch_loss(trainer.loss_module, first[0]) if trainer.args.precision == "fp32" else None
     trainer.update_in_epoch = 0  # replay the plan from its first update
     warmup, timed = settings["warmup"], settings["updates"]
     times = time_updates(lambda: trainer.train_update(trainer.next_update_batches()), warmup, timed, trainer.env.device)
@@ -408,6 +413,15 @@ def hf_batch(examples: list[Example], device: torch.device) -> dict[str, torch.T
     return {k: v.to(device, non_blocking=True) for k, v in {"input_ids": ids, "attention_mask": attention, "labels": labels}.items()}
 
 
+def hf_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_smooth: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean label-smoothed loss over the full logits, as HF's Trainer computes it; and the loss token count."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=label_smooth)
+    return loss, (labels != -100).sum()
+
+
 def run_peft_variant(variant: str, settings: dict[str, Any], examples: list[Example], plan: list[list[int]]) -> dict[str, Any]:
     """(c): a plain transformers + peft loop with their best ordinary settings."""
     from transformers import get_linear_schedule_with_warmup
@@ -422,17 +436,11 @@ def run_peft_variant(variant: str, settings: dict[str, Any], examples: list[Exam
     queue = iter(plan)
 
     def one_update() -> None:
-        batch = hf_batch([examples[i] for i in next(queue)], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                               label_smoothing=RECIPE["label_smooth"])
+        loss, tokens = hf_loss(model, hf_batch([examples[i] for i in next(queue)], device), RECIPE["label_smooth"], amp)
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens = (labels != -100).sum()
         meter["loss"] += loss.detach() * tokens
         meter["tokens"] += tokens
 
@@ -485,9 +493,10 @@ def run_worker(variant: str, settings: dict[str, Any]) -> dict[str, Any]:
     records = [json.loads(line) for line in Path(settings["encoded"]).read_text().splitlines()]
     pairs = [(r["context"], r["completion"]) for r in records]
     examples = build_examples(pairs, RECIPE["seq_len"])
-    plan = update_plan(examples, settings["batch"], settings["seed"], settings["warmup"] + settings["updates"])
+    bucket_window = TRAINER_VARIANTS.get(variant, (None, None, 0))[2]
+    plan = update_plan(examples, settings["batch"], settings["seed"], settings["warmup"] + settings["updates"], bucket_window)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as work_dir:
-        if variant in ("ours", "ours_bf16", "reference"):
+        if variant in TRAINER_VARIANTS:
             measured = run_trainer_variant(variant, settings, plan, work_dir)
         elif variant == "ours_graph":
             measured = run_graph_variant(settings, examples, plan)
@@ -538,7 +547,7 @@ def ratios(results: dict[str, dict[str, Any]], device_type: str) -> dict[str, An
         return r if r and "error" not in r else None
 
     ours = ok("ours_graph") if device_type == "cuda" and ok("ours_graph") else ok("ours")
-    fastest_ours = max((r for r in (ok("ours"), ok("ours_bf16"), ok("ours_graph")) if r), key=lambda r: r["examples_per_s"], default=None)
+    fastest_ours = max((r for r in (ok("ours"), ok("ours_bf16"), ok("ours_bucket"), ok("ours_graph")) if r), key=lambda r: r["examples_per_s"], default=None)
     peft = [r for r in (ok("peft_fp32"), ok("peft_bf16")) if r]
     best_peft = max(peft, key=lambda r: r["examples_per_s"]) if peft else None
     ref = ok("reference")
@@ -549,8 +558,12 @@ def ratios(results: dict[str, dict[str, Any]], device_type: str) -> dict[str, An
         "ours_vs_best_peft": common.ratio(fastest_ours and fastest_ours["examples_per_s"], best_peft and best_peft["examples_per_s"]),
         "defaults_vs_reference": common.ratio(ok("ours") and ok("ours")["examples_per_s"], ref and ref["examples_per_s"]),
         "peak_mem_vs_reference": common.ratio(ours and ours["peak_mem_mib"], ref and ref["peak_mem_mib"]),
-        "parity_nll_abs_diff": (abs(ok("ours")["parity_nll"] - ref["parity_nll"]) if ok("ours") and ref else None),
+        "parity_nll_reference": ref["parity_nll"] if ref else None,
     }
+    for name in ("ours", "ours_graph"):  # fp32, same init seed, same first batch: equal to fp32 rounding
+        r = ok(name)
+        if r and ref and r.get("parity_nll") is not None:
+            out[f"parity_nll_abs_diff_{name}"] = abs(r["parity_nll"] - ref["parity_nll"])
     if fastest_ours:
         out["paper_run_minutes"] = fastest_ours["ms_per_update"] * PAPER_UPDATES / 60000 + fastest_ours.get("graph_build_s", 0) / 60
     return out
@@ -575,7 +588,8 @@ def print_report(results: list[dict[str, Any]], summary: dict[str, Any], setting
     print(common.markdown_table(headers, rows))
     print()
     for key, value in summary.items():
-        print(f"- {key}: {value:.3g}" if isinstance(value, float) else f"- {key}: {value}")
+        if value is not None:
+            print(f"- {key}: {value:.3g}" if isinstance(value, float) else f"- {key}: {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -626,15 +640,13 @@ def run_all(args: argparse.Namespace) -> int:
                               "results": results, "summary": summary})
     failed = [r["variant"] for r in results if "error" in r]
     best = summary.get("best_ours")
+    versus = [f"{summary[key]:.2f}x {name}" for key, name in (("ours_vs_reference", "the reference-equivalent"),
+                                                               ("ours_vs_best_peft", "transformers+peft at its best"))
+              if summary.get(key) is not None]
     print(f"\nbench_train: {len(results) - len(failed)}/{len(results)} variants on {device} ({args.model_card}, batch {args.batch}); "
-          f"fastest ours {best}: {_fmt(summary.get('ours_vs_reference'))}x the reference-equivalent, "
-          f"{_fmt(summary.get('ours_vs_best_peft'))}x transformers+peft at its best -> {out}"
+          f"fastest ours: {best}" + (f", {' and '.join(versus)}" if versus else "") + f" -> {out}"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":
