@@ -114,6 +114,8 @@ def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int) -> 
     prefix = history[:, i - n + 1 :]  # the last n-1 tokens, [R, n-1]
     matches = (windows[:, :, :-1] == prefix.unsqueeze(1)).all(dim=2)  # [R, i-n+1]
     rows, cols = matches.nonzero(as_tuple=True)
+    if rows.numel() == 0:  # the common case: no copy of the [R, V] logits
+        return logits
     logits = logits.clone()
     logits[rows, windows[rows, cols, -1]] = NEG_INF
     return logits
@@ -157,6 +159,13 @@ def _left_pad(queries: Sequence[Sequence[int]], pad: int, device: torch.device) 
     return ids, offset >= 0, offset.clamp(min=0)
 
 
+def _fp32_logits(model: CausalLM, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head in float32 even under bf16/fp16 autocast: bf16 logits (8-bit mantissa) would create ties and
+    reorder close candidates; the body of the model may run in low precision, the scores that rank beams do not."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return model.logits(hidden.float())
+
+
 def _model_device(model: CausalLM) -> torch.device:
     try:
         return next(model.parameters()).device  # type: ignore[attr-defined]
@@ -182,7 +191,7 @@ def beam_search(model: CausalLM, queries: Sequence[Sequence[int]], cfg: BeamConf
 
     ids, key_mask, positions = _left_pad(queries, cfg.pad_token_id, device)
     hidden, past = model.hidden(ids, position_ids=positions, attention_mask=None if key_mask.all() else key_mask)
-    step_logits = model.logits(hidden[:, -1])  # [n, V]: the step-0 distribution of each query (beam 0 only)
+    step_logits = _fp32_logits(model, hidden[:, -1])  # [n, V]: the step-0 distribution of each query (beam 0 only)
     vocab = step_logits.shape[-1]
 
     active = torch.arange(n, device=device)  # which queries are still searched; their rows are contiguous
@@ -197,9 +206,9 @@ def beam_search(model: CausalLM, queries: Sequence[Sequence[int]], cfg: BeamConf
             pos = (next_pos.repeat_interleave(width) + step - 1).unsqueeze(1)
             mask = None if key_mask.all() else key_mask
             hidden, past = model.hidden(tokens, position_ids=pos, attention_mask=mask, past=past)
-            step_logits = model.logits(hidden[:, -1])
+            step_logits = _fp32_logits(model, hidden[:, -1])
         logprobs = next_token_logprobs(step_logits, history, step, cfg).view(len(active), width, vocab)
-        candidates = (beam_scores.unsqueeze(2) + logprobs).view(len(active), width * vocab)
+        candidates = logprobs.add_(beam_scores.unsqueeze(2)).view(len(active), width * vocab)  # in place: a fresh tensor
         if candidates.shape[1] < K:  # only when K > V at step 0: fill with impossible candidates
             candidates = F.pad(candidates, (0, K - candidates.shape[1]), value=NEG_INF)
         beam_scores, flat = candidates.topk(K, dim=1)  # sorted descending, like the original

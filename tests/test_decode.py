@@ -181,6 +181,16 @@ def test_one_search_per_unique_query_broadcast_to_every_line(monkeypatch):
     assert fast[0] is fast[2] is fast[5] and fast[1] is fast[4]
 
 
+def test_bf16_autocast_runs_and_agrees_on_a_confident_model():
+    model = peaky_model(seed=3)
+    lines = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    cfg = BeamConfig(beam=3, eval_len=6, eos_token_ids=(0,), length_penalty=0.8)
+    fp32 = decode.search_queries(model, lines, cfg, precision="fp32")
+    bf16 = decode.search_queries(model, lines, cfg, precision="bf16")
+    assert [h.tokens for h in bf16] == [h.tokens for h in fp32]
+    assert [h.score for h in bf16] == pytest.approx([h.score for h in fp32], abs=0.1)
+
+
 def test_make_query_left_truncates():
     assert decode.make_query(list(range(10)), seq_len=8, eval_len=4) == [6, 7, 8, 9]
     assert decode.make_query([1, 2], seq_len=8, eval_len=4) == [1, 2]
