@@ -411,7 +411,7 @@ def model_config_for(cfg: FinetuneConfig, adapter_config: dict[str, Any]) -> dic
         "base_path": str(cfg.path(recorded)),
         "base_sha256": base.get("sha256") or "",
         "model_card": adapter_config.get("model_card", cfg.trainer["model_card"]),
-        "device": "cpu",
+        "device": "",  # empty: CUDA when the loading machine has it, else CPU; override with model_config={"device": ...}
         "beam": int(cfg.decode["beam"]),
         "length_penalty": float(cfg.decode["length_penalty"]),
         "no_repeat_ngram_size": int(cfg.decode["no_repeat_ngram_size"]),

@@ -69,6 +69,13 @@ def contexts_from(model_input: pd.DataFrame | dict | list) -> list[str]:
                      f"got columns {list(frame.columns)}")
 
 
+def pick_device(config: dict[str, Any]) -> str:
+    """The device from the model config, or CUDA when this machine has it."""
+    import torch
+
+    return config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class AdapterModel(mlflow.pyfunc.PythonModel):
     """GPT-2 + LoRA adapter that turns meaning representations into text with batched beam search."""
 
@@ -77,8 +84,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
 
         config = dict(context.model_config or {})
         base = find_base_checkpoint(config)
-        self.model = load_for_inference(adapter=context.artifacts["adapter"], init_checkpoint=str(base),
-                                        device=config.get("device") or "cpu")
+        self.model = load_for_inference(adapter=context.artifacts["adapter"], init_checkpoint=str(base), device=pick_device(config))
         self.decoding = {key: config[key] for key in DECODING_KEYS if key in config}
         self.decoding["eos_token_ids"] = tuple(config.get("eos_token_ids") or (50256,))
 

@@ -1,5 +1,7 @@
 """The finetune flow as a real Prefect flow run: torchrun, MLflow store, registry, pyfunc model, retries.
 
+The fast tests at the end check the pieces the flow is built from (command lines, resume decision).
+
 One tiny training (gpt2.tiny, 12 updates) is shared by most assertions; the fault-injection test runs
 the same configuration again, kills the trainer from outside after its first checkpoint, and compares
 the final adapter with the uninterrupted one. An `mlflow server` then answers REST calls about the run.
@@ -23,7 +25,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 TINY = {
     "finetune": {"max_step": 12, "warmup_step": 2, "log_interval": 4, "eval_interval": 6, "save_interval": 4, "train_batch_size": 4,
@@ -98,6 +99,7 @@ def client(project):
     return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
 
 
+@pytest.mark.slow
 def test_flow_run_completes_and_writes_its_outputs(first_run, project):
     assert first_run["state"].is_completed(), first_run["state"]
     result = first_run["result"]
@@ -113,6 +115,7 @@ def test_flow_run_completes_and_writes_its_outputs(first_run, project):
     assert (project / "first/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_params_metrics_and_checkpoints(first_run, client):
     from pipelines.settings import flatten, load_params
 
@@ -138,12 +141,14 @@ def test_mlflow_run_holds_params_metrics_and_checkpoints(first_run, client):
     assert run.data.tags["prefect.flow_run_id"] == str(first_run["state"].state_details.flow_run_id)
 
 
+@pytest.mark.slow
 def test_registered_model_alias_points_at_the_run(first_run, client):
     version = client.get_model_version_by_alias("flow-test-adapter", "candidate")
     assert version.run_id == first_run["result"]["run_id"]
     assert int(version.version) == first_run["result"]["version"]
 
 
+@pytest.mark.slow
 def test_pyfunc_model_loads_by_alias_and_generates(first_run, project, tmp_path):
     import mlflow
     import pandas as pd
@@ -175,6 +180,7 @@ def test_pyfunc_model_loads_by_alias_and_generates(first_run, project, tmp_path)
     assert sum(p.stat().st_size for p in local.rglob("*") if p.is_file()) < 2_000_000
 
 
+@pytest.mark.slow
 def test_pyfunc_model_needs_the_right_base(first_run, project, tmp_path, monkeypatch):
     import mlflow
 
@@ -227,6 +233,7 @@ def kill_trainer_after_first_checkpoint(project: Path, work_dir: str, killed: li
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_killed_trainer_is_retried_resumes_and_matches_the_uninterrupted_run(first_run, project):
     import torch
     from prefect import get_client
@@ -308,6 +315,7 @@ def mlflow_server(project, first_run, tmp_path_factory):
             proc.kill()
 
 
+@pytest.mark.slow
 def test_mlflow_server_answers_rest_calls_about_the_run(mlflow_server, first_run, client):
     run_id = first_run["result"]["run_id"]
     history = get_json(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=train/loss")
@@ -323,3 +331,94 @@ def test_mlflow_server_answers_rest_calls_about_the_run(mlflow_server, first_run
     run = get_json(f"{mlflow_server}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
     assert run["info"]["status"] == "FINISHED"
     assert {p["key"]: p["value"] for p in run["data"]["params"]}["finetune.lora_dim"] == "4"
+
+
+# ----------------------------------------------------------------------------- fast: the flow's building blocks
+
+
+def test_trainer_flags_follow_the_params_section():
+    from pipelines.finetune import trainer_argv
+    from steps.train import parse_args
+
+    section = {"train_data": "t.jsonl", "valid_data": "v.jsonl", "lr": 0.0002, "correct_bias": True, "no_decay_bias": False,
+               "max_epoch": None, "max_step": 7, "lora_targets": ["q", "v"], "adam_epislon": 1e-06}
+    argv = trainer_argv(section)
+    assert argv == ["--train_data", "t.jsonl", "--valid_data", "v.jsonl", "--lr", "0.0002", "--correct_bias", "--max_step", "7",
+                    "--lora_targets", "q,v", "--adam_epislon", "1e-06"]
+    parsed = parse_args(argv)  # the trainer's own parser is the reference
+    assert (parsed.lr, parsed.correct_bias, parsed.no_decay_bias, parsed.max_epoch, parsed.max_step) == (0.0002, True, False, None, 7)
+
+
+def test_torchrun_command_single_node_and_multi_node():
+    from torch.distributed.run import get_args_parser
+
+    from pipelines.finetune import torchrun_argv
+
+    single = torchrun_argv({"nproc_per_node": 2, "nnodes": 1, "node_rank": 0, "master_addr": "", "master_port": 0, "rdzv_endpoint": ""})
+    assert single[:3] == [sys.executable, "-m", "torch.distributed.run"] and single[-2:] == ["-m", "steps.train"]
+    args = get_args_parser().parse_args([*single[3:-2], "-m", "steps.train"])
+    assert args.standalone and args.nproc_per_node == "2"
+
+    multi = torchrun_argv({"nproc_per_node": 8, "nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1", "master_port": 29500,
+                           "rdzv_backend": "", "rdzv_endpoint": "", "rdzv_id": ""})
+    args = get_args_parser().parse_args([*multi[3:-2], "-m", "steps.train"])
+    assert not args.standalone
+    assert (args.nnodes, args.node_rank, args.master_addr, args.master_port) == ("2", 1, "10.0.0.1", 29500)
+
+
+def test_tracking_uri_is_made_absolute_and_env_wins(tmp_path, monkeypatch):
+    from pipelines.settings import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri({"tracking_uri": "sqlite:///mlflow.db"}, tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking_uri({"tracking_uri": "http://127.0.0.1:5000"}, tmp_path) == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
+    assert tracking_uri({"tracking_uri": "sqlite:///mlflow.db"}, tmp_path) == "sqlite:////elsewhere/m.db"
+
+
+def test_clean_work_dir_removes_only_trainer_outputs(tmp_path):
+    from pipelines.finetune import clean_work_dir
+
+    for name in ("adapter.safetensors", "summary.json", "checkpoints/step_4/adapter.safetensors", "resume/state.pt", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    clean_work_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_resume_only_an_unfinished_run_with_the_same_fingerprint(tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.finetune import FinetuneConfig, resumable_run
+    from steps.tracking import write_run_file
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("resume", artifact_location=(tmp_path / "mlruns").as_uri())
+    run_id = client.create_run(experiment_id).info.run_id
+    cfg = FinetuneConfig(tmp_path, tmp_path / "params.yaml", {}, {}, {}, {"run_file": "run.json"}, {}, uri)
+    write_run_file(tmp_path / "run.json", run_id=run_id, tracking_uri=uri, experiment_id=experiment_id, fingerprint="abc")
+
+    client.set_terminated(run_id, status="FAILED")  # a crashed flow
+    assert resumable_run(client, cfg, "abc") == run_id
+    assert resumable_run(client, cfg, "other settings") is None
+    client.set_terminated(run_id, status="FINISHED")  # a completed flow is never reopened
+    assert resumable_run(client, cfg, "abc") is None
+    (tmp_path / "run.json").write_text("not json")
+    assert resumable_run(client, cfg, "abc") is None
+
+
+def test_bad_params_fail_fast_with_status_2(tmp_path, capsys):
+    from pipelines.finetune import main
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["flow"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--params", str(tmp_path / "params.yaml"), "--project_dir", str(tmp_path)]) == 2
+    assert "missing section 'flow:'" in capsys.readouterr().err
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--params", str(tmp_path / "params.yaml"), "--project_dir", str(tmp_path)]) == 2
+    assert "does not exist; run the earlier stages first" in capsys.readouterr().err
+    assert main(["--params", str(tmp_path / "absent.yaml"), "--project_dir", str(tmp_path)]) == 2
+    assert "params file not found" in capsys.readouterr().err
