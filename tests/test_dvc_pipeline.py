@@ -19,7 +19,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["sample", "prepare", "encode", "base", "finetune", "decode", "evaluate"]
-pytestmark = pytest.mark.slow
 
 TINY = {
     "sample": {"train_mrs": 40, "valid_mrs": 4, "test_mrs": 3},
@@ -78,6 +77,7 @@ def first_repro(project) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_writes_its_outputs(first_repro, project):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first_repro, stage
@@ -94,6 +94,7 @@ def test_every_stage_runs_and_writes_its_outputs(first_repro, project):
     assert [row.split(",")[0] for row in (project / "plots/valid_loss.csv").read_text().splitlines()[1:]] == ["4", "8"]
 
 
+@pytest.mark.slow
 def test_lock_file_records_every_stage(first_repro, project):
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert sorted(lock) == sorted(STAGES)
@@ -105,6 +106,7 @@ def test_lock_file_records_every_stage(first_repro, project):
     assert json.loads(dvc(project, "status", "--json").stdout) == {}
 
 
+@pytest.mark.slow
 def test_second_repro_does_nothing(first_repro, project):
     again = dvc(project, "repro")
     output = again.stdout + again.stderr
@@ -114,6 +116,7 @@ def test_second_repro_does_nothing(first_repro, project):
     assert "Data and pipelines are up to date." in output
 
 
+@pytest.mark.slow
 def test_metrics_and_plots_show(first_repro, project):
     metrics = json.loads(dvc(project, "metrics", "show", "--json").stdout)
     data = metrics[""]["data"] if "" in metrics else next(iter(metrics.values()))["data"]
@@ -126,6 +129,7 @@ def test_metrics_and_plots_show(first_repro, project):
     assert "plots/valid_loss.csv" in rendered
 
 
+@pytest.mark.slow
 def test_evaluation_reached_the_finetune_mlflow_run(first_repro, project):
     from mlflow import MlflowClient
 
@@ -138,6 +142,7 @@ def test_evaluation_reached_the_finetune_mlflow_run(first_repro, project):
     assert (project / "mlruns").is_dir() and not any((project / "models/finetune").rglob("MLmodel"))  # artifacts outside DVC outs
 
 
+@pytest.mark.slow
 def test_experiment_reruns_only_what_depends_on_the_parameter(first_repro, project):
     result = dvc(project, "exp", "run", "-S", "finetune.lora_dim=8", "--name", "rank8")
     output = result.stdout + result.stderr
@@ -154,3 +159,42 @@ def test_experiment_reruns_only_what_depends_on_the_parameter(first_repro, proje
 
     run = MlflowClient(tracking_uri=record["tracking_uri"]).get_run(record["run_id"])
     assert run.data.params["finetune.lora_dim"] == "8" and "eval/BLEU" in run.data.metrics
+
+
+# ----------------------------------------------------------------------------- fast: params files
+
+
+def test_e2e_profile_is_a_drop_in_params_file_with_the_paper_recipe():
+    """params/e2e-gpt2-md.yaml replaces params.yaml (same sections and keys) and holds REFERENCE.md 13.3."""
+    from pipelines.finetune import trainer_argv
+    from steps.train import parse_args
+
+    default = yaml.safe_load((REPO / "params.yaml").read_text())
+    profile = yaml.safe_load((REPO / "params/e2e-gpt2-md.yaml").read_text())
+    assert {k: sorted(v) for k, v in profile.items()} == {k: sorted(v) for k, v in default.items()}
+    args = parse_args(trainer_argv(profile["finetune"]))
+    recipe = {"model_card": "gpt2.md", "train_batch_size": 8, "grad_acc": 1, "seq_len": 512, "lr": 2e-4, "scheduler": "linear",
+              "warmup_step": 500, "max_epoch": 5, "max_step": None, "correct_bias": True, "adam_beta1": 0.9, "adam_beta2": 0.999,
+              "adam_epislon": 1e-6, "weight_decay": 0.01, "clip": 0.0, "lora_dim": 4, "lora_alpha": 32, "lora_dropout": 0.1,
+              "lora_targets": "q,v", "label_smooth": 0.1, "obj": "clm", "random_seed": 110}
+    assert {key: getattr(args, key) for key in recipe} == recipe
+    decode = {"beam": 10, "length_penalty": 0.8, "no_repeat_ngram_size": 4, "repetition_penalty": 1.0, "eos_token_id": 628, "eval_len": 64}
+    assert {key: profile["decode"][key] for key in decode} == decode
+    assert profile["prepare"]["dataset"] == "e2e" and profile["flow"]["torchrun"]["nproc_per_node"] == 1
+
+
+def test_default_params_drive_every_stage_command():
+    """Each ${section.key} in dvc.yaml exists in params.yaml, and every trainer flag is one steps.train accepts."""
+    import re
+
+    from pipelines.finetune import trainer_argv
+    from steps.train import parse_args
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stages = json.dumps(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])  # without the comments
+    for ref in re.findall(r"\$\{([^}]+)\}", stages):
+        node = params
+        for part in ref.split("."):
+            assert isinstance(node, dict) and part in node, f"dvc.yaml uses ${{{ref}}} but params.yaml lacks it"
+            node = node[part]
+    parse_args(trainer_argv(params["finetune"]))  # raises SystemExit on an unknown flag
