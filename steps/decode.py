@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from steps.beam import BeamConfig, Hypothesis, beam_search
@@ -66,7 +67,7 @@ def load_for_inference(
     `init_checkpoint`, the base recorded in the adapter config is used if that file exists; a random base is
     never used silently (Q13). `model_card`/`lora_dim`/`lora_alpha`, when given, must agree with the adapter.
     """
-    if adapter is None and init_checkpoint is not None and any(".lora_" in k for k in read_tensors(init_checkpoint)):
+    if adapter is None and init_checkpoint is not None and _has_lora_tensors(init_checkpoint):
         adapter = init_checkpoint  # an original end-of-epoch checkpoint: base and LoRA in one file
     config = None
     if adapter is not None:
@@ -92,6 +93,19 @@ def load_for_inference(
         apply_adapter(model, tensors, adapter)
         model.merge_lora()
     return model.eval().to(device)
+
+
+def _has_lora_tensors(path: str | os.PathLike) -> bool:
+    """Whether a base checkpoint also carries LoRA tensors, without reading its weights when possible."""
+    path = Path(path)
+    with contextlib.suppress(Exception):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return any(".lora_" in k for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # memory-mapped: keys only
+        state = state.get("model_state_dict", state) if isinstance(state, dict) else state
+        return isinstance(state, dict) and any(".lora_" in k for k in state)
+    return any(".lora_" in k for k in read_tensors(path))  # unusual files: let read_tensors explain what is wrong
 
 
 def _check_agrees(config: dict, model_card: str | None, lora_dim: int, lora_alpha: float | None, source) -> None:

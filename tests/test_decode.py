@@ -12,7 +12,7 @@ import torch
 
 import steps.decode as decode
 from steps.beam import BeamConfig, beam_search
-from steps.checkpoints import adapter_config, base_identity, save_adapter, save_hf_checkpoint
+from steps.checkpoints import adapter_config, base_identity, read_tensors, save_adapter, save_hf_checkpoint
 from steps.common import InputError
 from steps.decode_text import clean_text, read_predictions, write_scorer_files
 from steps.decode_text import main as decode_text_main
@@ -292,3 +292,22 @@ def test_adapter_is_applied_and_base_mismatch_refused(trained, tmp_path):
         decode.load_for_inference(root / "adapter", root / "base.safetensors", lora_alpha=128)
     done = decode_cli(root, "--work_dir", str(tmp_path / "o"), "--init_checkpoint", str(other))
     assert done.returncode == 2 and done.stderr.startswith("error:") and "Traceback" not in done.stderr
+
+
+def test_original_format_lora_checkpoints(trained, tmp_path):
+    """A LoRA-only `model.<step>.pt` (module.transformer.* keys) and a full original checkpoint both decode."""
+    root, lora_model = trained
+    lora = {f"module.transformer.{k}": v for k, v in lora_model.state_dict().items() if "lora_" in k}
+    torch.save(lora, tmp_path / "model.5.pt")
+    ids = torch.tensor([[5, 6, 7, EOS]])
+    with torch.no_grad():
+        expected = lora_model.eval()(ids)
+        got = decode.load_for_inference(tmp_path / "model.5.pt", root / "base.safetensors", lora_alpha=32)(ids)
+        assert torch.allclose(got, expected, atol=1e-4)
+        with pytest.raises(InputError, match="lora_alpha"):
+            decode.load_for_inference(tmp_path / "model.5.pt", root / "base.safetensors")
+        # end-of-epoch file: the whole (HF-layout) state dict plus LoRA, under DDP names, in the trainer's wrapper
+        full = {f"module.transformer.{k}": v for k, v in read_tensors(root / "base.safetensors").items()} | lora
+        torch.save({"model_state_dict": full}, tmp_path / "model.10.pt")
+        got = decode.load_for_inference(None, tmp_path / "model.10.pt", lora_alpha=32)(ids)
+        assert torch.allclose(got, expected, atol=1e-4)
