@@ -247,9 +247,9 @@ def _record(
 ) -> None:
     """Keep each candidate that strictly beats its query's best so far, visiting rows in order like the original."""
     K = candidates.shape[1]
+    scores, queries = normalised.tolist(), active.tolist()  # one device->host copy each, not one per candidate
     for a, k in candidates.nonzero().tolist():
-        score = float(normalised[a, k])
-        query = int(active[a])
+        score, query = scores[a][k], queries[a]
         if score > best[query].score:
             best[query] = Hypothesis(history[a * K + k].tolist(), score, finished)
 
