@@ -121,14 +121,18 @@ def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int) -> 
     return logits
 
 
-def next_token_logprobs(logits: torch.Tensor, history: torch.Tensor, step: int, cfg: BeamConfig) -> torch.Tensor:
-    """The original's processing order (Q30) on raw logits [R, V], then log_softmax in float32."""
+def process_logits(logits: torch.Tensor, history: torch.Tensor, step: int, cfg: BeamConfig) -> torch.Tensor:
+    """The original's processing order (Q30) on raw logits [R, V], in float32, before normalisation."""
     logits = logits.float()
     logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
     if step < cfg.min_length:
         logits = ban_tokens(logits, cfg.eos_token_ids)
-    logits = ban_repeated_ngrams(logits, history, cfg.no_repeat_ngram_size)
-    return F.log_softmax(logits, dim=-1)
+    return ban_repeated_ngrams(logits, history, cfg.no_repeat_ngram_size)
+
+
+def next_token_logprobs(logits: torch.Tensor, history: torch.Tensor, step: int, cfg: BeamConfig) -> torch.Tensor:
+    """`process_logits`, then log_softmax: renormalised over the allowed tokens, as the original's log(softmax)."""
+    return F.log_softmax(process_logits(logits, history, step, cfg), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------- the search
@@ -207,12 +211,19 @@ def beam_search(model: CausalLM, queries: Sequence[Sequence[int]], cfg: BeamConf
             mask = None if key_mask.all() else key_mask
             hidden, past = model.hidden(tokens, position_ids=pos, attention_mask=mask, past=past)
             step_logits = _fp32_logits(model, hidden[:, -1])
-        logprobs = next_token_logprobs(step_logits, history, step, cfg).view(len(active), width, vocab)
-        candidates = logprobs.add_(beam_scores.unsqueeze(2)).view(len(active), width * vocab)  # in place: a fresh tensor
+        # The global top-K over K*V candidates can only use each row's own top K, so only those get normalised:
+        # log p = z - logsumexp(z) for K tokens per row, instead of a log_softmax and a top-K over all [R, V].
+        logits = process_logits(step_logits, history, step, cfg)
+        row_top, row_token = logits.topk(min(K, vocab), dim=1)
+        row_top = row_top - torch.logsumexp(logits, dim=1, keepdim=True)
+        per_row = row_top.shape[1]
+        candidates = (row_top + beam_scores.view(-1, 1)).view(len(active), width * per_row)
         if candidates.shape[1] < K:  # only when K > V at step 0: fill with impossible candidates
             candidates = F.pad(candidates, (0, K - candidates.shape[1]), value=NEG_INF)
         beam_scores, flat = candidates.topk(K, dim=1)  # sorted descending, like the original
-        source_beam, token = flat // vocab, flat % vocab
+        flat = flat.clamp(max=width * per_row - 1)  # padded slots (score -inf) point at a real candidate
+        source_beam = flat // per_row
+        token = row_token.view(len(active), width * per_row).gather(1, flat)
         source = (torch.arange(len(active), device=device) * width).unsqueeze(1) + source_beam.clamp(max=width - 1)
         source, token = source.view(-1), token.view(-1)
         history = torch.cat((history.index_select(0, source), token.unsqueeze(1)), dim=1)
