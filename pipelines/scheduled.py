@@ -9,6 +9,7 @@ scheduled runs never contend for DVC's repository lock.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -71,3 +72,22 @@ def pipeline(project_dir: str) -> dict[str, Any]:
     if metrics:
         logger.info(f"metrics: {json.dumps(metrics, sort_keys=True)}")
     return {"stages_run": stages, "seconds": seconds, "metrics": metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.scheduled",
+                                     description="Run the scheduled pipeline flow once, now (what each scheduled run does): "
+                                     "dvc repro in the project, as a Prefect flow run.")
+    parser.add_argument("--project_dir", default=".", help="the project to reproduce (where dvc.yaml and params.yaml are)")
+    args = parser.parse_args(argv)
+    state = pipeline(project_dir=args.project_dir, return_state=True)
+    if not state.is_completed():
+        print(f"error: pipeline flow {state.name}: {state.result(raise_on_failure=False)}", file=sys.stderr)
+        return 2 if isinstance(state.result(raise_on_failure=False), InputError) else 1
+    result = state.result()
+    print(f"pipeline: stages run: {', '.join(result['stages_run']) or 'none (up to date)'} in {result['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
