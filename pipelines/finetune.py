@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the adapter logged as a pyfunc model and registered. Every setting comes from the params file.",
     )
     parser.add_argument("--params", default="params.yaml", help="params file (sections finetune, flow, tracking, decode); "
-                        "relative paths inside it are relative to --project_dir")
+                        "it and the relative paths inside it are resolved against --project_dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one param for this run, e.g. --set finetune.lora_dim=8 (repeatable; value parsed as YAML)")
     parser.add_argument("--project_dir", default=".", help="project root: where dvc.yaml runs its commands")
