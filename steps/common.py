@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -78,3 +79,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, sort_keys=False, ensure_ascii=False)
         f.write("\n")
+
+
+def run_stage(body: Callable[[], object]) -> int:
+    """Run a stage's body the way every entry point does: an InputError becomes `error: ...` and exit status 2."""
+    try:
+        body()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -40,7 +40,7 @@ from steps.checkpoints import (
     read_tensors,
     sha256_file,
 )
-from steps.common import InputError, atomic_write, iter_jsonl
+from steps.common import InputError, atomic_write, iter_jsonl, run_stage
 from steps.decode_text import clean_text, write_scorer_files
 from steps.model import GPT2, card
 
@@ -355,12 +355,7 @@ def _check_same_length(input_file: str, n_data: int, data: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        print(run(args))
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_stage(lambda: print(run(args)))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from steps import e2e_metrics
-from steps.common import InputError, iter_jsonl, write_json
+from steps.common import InputError, iter_jsonl, run_stage, write_json
 
 REF_TYPES = ("e2e", "webnlg", "dart")
 # CSV column names accepted for the MR and the reference (the E2E release uses "mr" and "ref").
@@ -301,12 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_stage(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.common import InputError, atomic_write
+from steps.common import InputError, atomic_write, run_stage
 from steps.sample_data import generate_sample
 
 SPLITS = ("train", "valid", "test")
@@ -428,12 +428,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_stage(lambda: run(args))
 
 
 if __name__ == "__main__":
