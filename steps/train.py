@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--clip", type=float, default=0.0, help="global gradient-norm clipping; 0 turns it off")
     opt.add_argument("--label_smooth", type=float, default=0.0, help="uniform label smoothing over the vocabulary")
     run = p.add_argument_group("run")
-    run.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision; LoRA weights and optimizer state stay fp32")
+    run.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                     help="autocast precision; LoRA weights and optimizer state stay fp32. auto: bf16 where the hardware "
+                     "computes it natively (recent GPUs, CPUs with AVX512-BF16/AMX), else fp32")
     run.add_argument("--fp16", action="store_true", help="same as --precision fp16 (the original's flag)")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     run.add_argument("--random_seed", type=int, default=10)
@@ -156,6 +158,18 @@ def setup_distributed(device_choice: str) -> Dist:
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world, device)
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    """`auto` -> bf16 when the device has native bf16 matmuls (then about twice as fast as fp32), else fp32."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    except (AttributeError, RuntimeError):
+        return "fp32"
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -562,6 +576,7 @@ def _tracker(rank: int):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = setup_distributed(args.device)
+    args.precision = resolve_precision(args.precision, env.device)  # resolved first: the resume fingerprint records it
     try:
         Trainer(args, env).fit()
         return 0
