@@ -6,15 +6,18 @@ updates of the same data: the real E2E dev set (../shared/data/e2e/valid.txt) wh
 sample. Weights are random (no pretrained checkpoint here); speed does not depend on their values.
 
 Variants (each in its own subprocess, so peak memory is per variant):
-  ours        (a)  this project's trainer at its defaults: steps.train.Trainer.train_update on batches padded to their
-                   own length, fp32, LM head and loss only on the loss positions
-  ours_bf16   (a') the same with --precision bf16 (autocast)
-  ours_bucket (a)  fp32 with the trainer's --bucket_window 800 (length-sorted windows: little padding); this variant
-                   draws its own (bucketed) updates from the same data, so compare its examples/s, not its losses
-  ours_bf16_bucket (a') bf16 and --bucket_window 800 together
-  ours_graph  (a'') GPU: bf16, and the whole update (forward, backward, capturable AdamW) recorded in one CUDA graph
-                   per (length, loss-positions) bucket and replayed; a prototype here, not yet a trainer option.
-                   On the CPU it runs the same static-shape step eagerly (a correctness check, not a speed-up)
+  ours        (a)  this project at its defaults: steps.train.Trainer.train_update with the pipeline's settings from
+                   params.yaml (finetune: precision auto = bf16 where the hardware has it natively, else fp32;
+                   bucket_window 1024: length-sorted windows, little padding); batches padded to their own length,
+                   LM head and loss only on the loss positions
+  ours_fp32   (a)  the trainer's correct-by-construction default: fp32, no bucketing (the same updates as (b) and (c),
+                   so its first-batch loss is compared with (b)'s: the fp32 parity check)
+  ours_bf16   (a') fp32 default + --precision bf16 (autocast), no bucketing
+  ours_bucket (a') fp32 with the pipeline's --bucket_window
+  ours_graph  (a'') the pipeline's bucketed updates in bf16, the whole update (forward, backward, capturable AdamW)
+                   recorded in one CUDA graph per (length, loss-positions) bucket and replayed; a prototype here, not
+                   yet a trainer option. On the CPU it runs the same static-shape step eagerly, in fp32 (a correctness
+                   check, not a speed-up)
   reference   (b)  reference-equivalent: the same trainer with every sequence padded to 512 (--pad fixed), fp32,
                    no compile, and the loss computed as the original did: LM head and log_softmax on all B x 512
                    positions, then masked
@@ -25,8 +28,9 @@ Variants (each in its own subprocess, so peak memory is per variant):
                    torch AdamW (fused), fp32
   peft_bf16   (c)  the same under bf16 autocast; "(c) at its best" is the faster of the two
 
-All variants see exactly the same examples in each update (the plan of steps.data.epoch_updates), so examples/s
-compare directly. The first `--warmup` updates are not timed.
+Every unbucketed variant sees exactly the same examples in each update (the plan of steps.data.epoch_updates); the
+bucketed ones (ours, ours_bucket, ours_graph) see the trainer's bucketed plan of the same data. examples/s compare
+directly either way (every update holds `--batch` examples). The first `--warmup` updates are not timed.
 
 FLOPs (for achieved TFLOP/s and model FLOPs utilisation, MFU = achieved / the card's dense bf16 peak). Per update,
 over the real (non-padding) tokens only, with L layers, width C, vocabulary V, sequence lengths n_i and P loss
@@ -40,7 +44,7 @@ positions:
 Padding and the LM head on non-loss positions are not counted: they are not useful work.
 
     .venv/bin/python benchmarks/bench_train.py                              # CPU: gpt2.sm, batch 8, (a) (a') (b) (c)
-    .venv/bin/python benchmarks/bench_train.py --device cuda --model_card gpt2.md --batch 64 --variants ours_bf16,ours_graph,peft_bf16
+    .venv/bin/python benchmarks/bench_train.py --device cuda --model_card gpt2.md --batch 64 --variants ours,ours_graph,peft_bf16
     .venv/bin/python benchmarks/bench_train.py --tiny                       # seconds: gpt2.tiny, 2 timed updates
 """
 
@@ -63,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -73,26 +78,41 @@ from steps.lora import LoRAConfig, mark_only_lora_trainable
 from steps.model import CARDS, GPT2, GPT2Config, card
 from steps.optim import AdamW, build_scheduler, param_groups_for
 
+
+def pipeline_defaults() -> dict[str, Any]:
+    """The finetune settings of params.yaml that change speed (the single source of the pipeline's defaults)."""
+    defaults = {"precision": "fp32", "pad": "batch", "bucket_window": 0}  # the trainer CLI's, if params.yaml is absent
+    path = common.REPO / "params.yaml"
+    if path.is_file():
+        finetune = yaml.safe_load(path.read_text()).get("finetune", {})
+        defaults.update({k: finetune[k] for k in defaults if finetune.get(k) is not None})
+    return defaults
+
+
+PIPELINE = pipeline_defaults()
 VARIANTS = {
-    "ours": "(a) ours, defaults (fp32)",
-    "ours_bf16": "(a') ours, bf16 autocast",
-    "ours_bucket": "(a) ours, fp32 + --bucket_window 800",
-    "ours_bf16_bucket": "(a') ours, bf16 + --bucket_window 800",
+    "ours": f"(a) ours, pipeline defaults ({PIPELINE['precision']}, bucket_window {PIPELINE['bucket_window']})",
+    "ours_fp32": "(a) ours, fp32, no bucketing",
+    "ours_bf16": "(a') ours, bf16, no bucketing",
+    "ours_bucket": f"(a') ours, fp32, bucket_window {PIPELINE['bucket_window']}",
     "ours_graph": "(a'') ours, bf16 + CUDA graph per bucket",
     "reference": "(b) reference-equivalent (pad 512, fp32, full LM head)",
     "peft_fp32": "(c) transformers + peft, fp32",
     "peft_bf16": "(c) transformers + peft, bf16 autocast",
 }
-CPU_DEFAULT = "ours,ours_bf16,ours_bucket,ours_bf16_bucket,reference,peft_fp32,peft_bf16"
-GPU_DEFAULT = "ours,ours_bf16,ours_graph,reference,peft_bf16"
+CPU_DEFAULT = "ours,ours_fp32,ours_bf16,ours_bucket,reference,peft_fp32,peft_bf16"
+GPU_DEFAULT = "ours,ours_fp32,ours_graph,reference,peft_bf16"
 
 # The paper's E2E recipe (REFERENCE.md 13.3); the schedule length is the 5-epoch GPT-2 M run.
 RECIPE = dict(lora_dim=4, lora_alpha=32, lora_dropout=0.1, label_smooth=0.1, lr=2e-4, weight_decay=0.01,
               adam_beta1=0.9, adam_beta2=0.999, adam_epislon=1e-6, warmup_step=500, max_step=26290, seq_len=512)
 PAPER_UPDATES = 26290
-# The trainer's settings per trainer-based variant: --precision, --pad, --bucket_window.
-TRAINER_VARIANTS = {"ours": ("fp32", "batch", 0), "ours_bf16": ("bf16", "batch", 0), "ours_bucket": ("fp32", "batch", 800),
-                    "ours_bf16_bucket": ("bf16", "batch", 800), "reference": ("fp32", "fixed", 0)}
+# The trainer's settings per trainer-based variant: --precision (auto is resolved per device), --pad, --bucket_window.
+TRAINER_VARIANTS = {
+    "ours": (PIPELINE["precision"], PIPELINE["pad"], int(PIPELINE["bucket_window"])),
+    "ours_fp32": ("fp32", "batch", 0), "ours_bf16": ("bf16", "batch", 0),
+    "ours_bucket": ("fp32", "batch", int(PIPELINE["bucket_window"])), "reference": ("fp32", "fixed", 0),
+}
 GRAPH_T_STEP = 16  # the graph variant rounds sequence lengths up to a multiple of this ...
 GRAPH_P_STEP = 64  # ... and the number of loss positions up to a multiple of this (one graph per pair)
 
@@ -193,9 +213,10 @@ class ReferenceLossModule(nn.Module):
 
 
 def trainer_args(encoded: Path, settings: dict[str, Any], variant: str, work_dir: str) -> argparse.Namespace:
-    from steps.train import parse_args
+    from steps.train import parse_args, resolve_precision
 
     precision, pad, bucket_window = TRAINER_VARIANTS[variant]
+    precision = resolve_precision(precision, torch.device(settings["device"]))  # as steps.train.main does
     argv = ["--train_data", str(encoded), "--valid_data", str(encoded), "--model_card", settings["model_card"],
             "--train_batch_size", str(settings["batch"]), "--random_seed", str(settings["seed"]), "--correct_bias",
             "--precision", precision, "--pad", pad, "--bucket_window", str(bucket_window), "--work_dir", work_dir,
@@ -236,7 +257,7 @@ def run_trainer_variant(variant: str, settings: dict[str, Any], plan: list[list[
     times = time_updates(lambda: trainer.train_update(trainer.next_update_batches()), warmup, timed, trainer.env.device)
     meter = trainer.meter
     return {"times": times, "mean_loss": (meter["loss"] / meter["tokens"]).item(), "parity_nll": parity,
-            "trainable_params": sum(p.numel() for p in trainer.trainable)}
+            "trainable_params": sum(p.numel() for p in trainer.trainable), "precision": trainer.args.precision}
 
 
 # ---------------------------------------------------------------------------------------------- the CUDA-graph prototype
@@ -498,7 +519,7 @@ def run_worker(variant: str, settings: dict[str, Any]) -> dict[str, Any]:
     records = [json.loads(line) for line in Path(settings["encoded"]).read_text().splitlines()]
     pairs = [(r["context"], r["completion"]) for r in records]
     examples = build_examples(pairs, RECIPE["seq_len"])
-    bucket_window = TRAINER_VARIANTS.get(variant, (None, None, 0))[2]
+    bucket_window = int(PIPELINE["bucket_window"]) if variant == "ours_graph" else TRAINER_VARIANTS.get(variant, (0, 0, 0))[2]
     plan = update_plan(examples, settings["batch"], settings["seed"], settings["warmup"] + settings["updates"], bucket_window)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as work_dir:
         if variant in TRAINER_VARIANTS:
@@ -522,7 +543,7 @@ def summarise(variant: str, settings: dict[str, Any], measured: dict[str, Any], 
     flops = sum(update_flops(cfg, [len(examples[i].input) for i in u], lp) for u, lp in zip(timed_plan, counts["loss_positions"]))
     computed = counts["padded_tokens"] if variant != "reference" else [len(u) * RECIPE["seq_len"] for u in timed_plan]
     result = {
-        "variant": variant, "label": VARIANTS[variant], "timed_updates": n, "seconds": round(seconds, 3),
+        "variant": variant, "label": VARIANTS[variant].replace("auto", f"auto = {measured.get('precision')}"), "timed_updates": n, "seconds": round(seconds, 3),
         "ms_per_update": 1000 * seconds / n, "ms_per_update_median": 1000 * statistics.median(times),
         "examples_per_s": settings["batch"] * n / seconds, "tokens_per_s": sum(counts["tokens"]) / seconds,
         "padding_share": 1 - sum(counts["tokens"]) / sum(computed),
@@ -561,7 +582,7 @@ def ratios(results: dict[str, dict[str, Any]], device_type: str) -> dict[str, An
         r = results.get(name)
         return r if r and "error" not in r else None
 
-    ours = ok("ours_graph") if device_type == "cuda" and ok("ours_graph") else ok("ours")
+    ours = ok("ours")
     candidates = [ok(name) for name in VARIANTS if name.startswith("ours")]
     fastest_ours = max((r for r in candidates if r), key=lambda r: r["examples_per_s"], default=None)
     peft = [r for r in (ok("peft_fp32"), ok("peft_bf16")) if r]
@@ -574,13 +595,13 @@ def ratios(results: dict[str, dict[str, Any]], device_type: str) -> dict[str, An
         "ours_vs_best_peft": common.ratio(fastest_ours and fastest_ours["examples_per_s"], best_peft and best_peft["examples_per_s"]),
         "defaults_vs_reference": common.ratio(ok("ours") and ok("ours")["examples_per_s"], ref and ref["examples_per_s"]),
         "defaults_vs_best_peft": common.ratio(ok("ours") and ok("ours")["examples_per_s"], best_peft and best_peft["examples_per_s"]),
+        "fp32_vs_reference": common.ratio(ok("ours_fp32") and ok("ours_fp32")["examples_per_s"], ref and ref["examples_per_s"]),
         "peak_mem_vs_reference": common.ratio(ours and ours["peak_mem_mib"], ref and ref["peak_mem_mib"]),
         "parity_nll_reference": ref["parity_nll"] if ref else None,
     }
-    for name in ("ours", "ours_graph"):  # fp32, same init seed, same first batch: equal to fp32 rounding
-        r = ok(name)
-        if r and ref and r.get("parity_nll") is not None:
-            out[f"parity_nll_abs_diff_{name}"] = abs(r["parity_nll"] - ref["parity_nll"])
+    fp32 = ok("ours_fp32")  # fp32, same init seed, same first batch as (b): equal to fp32 rounding
+    if fp32 and ref:
+        out["parity_nll_abs_diff_fp32"] = abs(fp32["parity_nll"] - ref["parity_nll"])
     if fastest_ours:
         out["paper_run_minutes"] = fastest_ours["ms_per_update"] * PAPER_UPDATES / 60000 + fastest_ours.get("graph_build_s", 0) / 60
     return out

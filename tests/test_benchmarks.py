@@ -177,14 +177,14 @@ def _env_one_thread() -> dict[str, str]:
 @pytest.mark.slow
 def test_bench_train_tiny_run(tmp_path):
     out = tmp_path / "train.json"
-    done = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--tiny", "--variants", "ours,ours_bucket,reference,peft_fp32",
+    done = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--tiny", "--variants", "ours_fp32,ours_bucket,reference,peft_fp32",
                            "--out", str(out)], cwd=REPO, env=_env_one_thread(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     results = {r["variant"]: r for r in report["results"]}
     assert all("error" not in r and r["examples_per_s"] > 0 for r in results.values())
-    assert results["reference"]["padding_share"] > results["ours"]["padding_share"] > results["ours_bucket"]["padding_share"]
-    assert report["summary"]["parity_nll_abs_diff_ours"] < 1e-4
+    assert results["reference"]["padding_share"] > results["ours_fp32"]["padding_share"] > results["ours_bucket"]["padding_share"]
+    assert report["summary"]["parity_nll_abs_diff_fp32"] < 1e-4
     assert "| (b) reference-equivalent" in done.stdout and "bench_train:" in done.stdout
 
 
