@@ -543,7 +543,7 @@ def summarise(variant: str, settings: dict[str, Any], measured: dict[str, Any], 
     flops = sum(update_flops(cfg, [len(examples[i].input) for i in u], lp) for u, lp in zip(timed_plan, counts["loss_positions"]))
     computed = counts["padded_tokens"] if variant != "reference" else [len(u) * RECIPE["seq_len"] for u in timed_plan]
     result = {
-        "variant": variant, "label": VARIANTS[variant].replace("auto", f"auto = {measured.get('precision')}"), "timed_updates": n, "seconds": round(seconds, 3),
+        "variant": variant, "label": VARIANTS[variant].replace("(auto,", f"(auto = {measured.get('precision')},"), "timed_updates": n, "seconds": round(seconds, 3),
         "ms_per_update": 1000 * seconds / n, "ms_per_update_median": 1000 * statistics.median(times),
         "examples_per_s": settings["batch"] * n / seconds, "tokens_per_s": sum(counts["tokens"]) / seconds,
         "padding_share": 1 - sum(counts["tokens"]) / sum(computed),
