@@ -549,6 +549,8 @@ def summarise(variant: str, settings: dict[str, Any], measured: dict[str, Any], 
         "padding_share": 1 - sum(counts["tokens"]) / sum(computed),
         "achieved_tflops": flops / seconds / 1e12, "model_flops_per_update": flops / n, **measured,
     }
+    if variant == "ours_graph" and settings["device_type"] != "cuda":
+        result["label"] += " [on CPU: eager fp32 check, no graphs]"
     peak = settings.get("peak_tflops")
     result["mfu"] = result["achieved_tflops"] / peak if peak else None
     return result
