@@ -86,6 +86,9 @@ def collate(examples: list[Example], pad_to: int | None = None) -> dict[str, tor
         batch["input"][row, :n] = torch.tensor(e.input)
         batch["target"][row, :n] = torch.tensor(e.target)
         batch["mask"][row, :n] = torch.tensor(e.mask, dtype=torch.float)
+    # Flat indices of the loss positions, computed here on the host so the loss never asks the device
+    # which positions are on (a boolean index would force a GPU->CPU sync every micro-batch).
+    batch["positions"] = batch["mask"].view(-1).nonzero().squeeze(1)
     return batch
 
 

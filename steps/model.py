@@ -143,9 +143,9 @@ class GPT2(nn.Module):
         B, T = input_ids.shape
         past_len = 0 if past is None else past[0][0].shape[2]
         if position_ids is None:
+            if past_len + T > self.config.n_positions:  # host integers: no device sync in the hot path
+                raise ValueError(f"sequence of {past_len + T} tokens exceeds n_positions={self.config.n_positions}")
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).unsqueeze(0)
-        if position_ids.max() >= self.config.n_positions:
-            raise ValueError(f"sequence position {int(position_ids.max())} exceeds n_positions={self.config.n_positions}")
         x = self.wte(input_ids) + self.wpe(position_ids)
         if attention_mask is None and past is not None and T > 1:  # several new tokens over a cache: causal with offset
             attention_mask = torch.ones(B, past_len + T, dtype=torch.bool, device=input_ids.device)

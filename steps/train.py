@@ -184,10 +184,10 @@ def masked_lm_loss(model: GPT2, batch: dict[str, torch.Tensor], label_smooth: fl
     which is the original's (1 - e) * -logp[y] + e * mean_v(-logp[v]).
     """
     hidden, _ = model.hidden(batch["input"])
-    keep = batch["mask"] > 0
-    logits = model.logits(hidden[keep]).float()
-    targets = batch["target"][keep]
-    weights = batch["mask"][keep]
+    positions = batch["positions"]  # flat indices of the mask's nonzero positions (steps.data.collate)
+    logits = model.logits(hidden.flatten(0, 1).index_select(0, positions)).float()
+    targets = batch["target"].view(-1).index_select(0, positions)
+    weights = batch["mask"].view(-1).index_select(0, positions)
     lse = torch.logsumexp(logits, dim=-1)
     nll = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if label_smooth > LABEL_SMOOTH_MIN:
