@@ -11,8 +11,8 @@ What is kept from the original, because it defines the reference outputs:
   - after `eval_len` steps the live rows compete with cur_len = eval_len.
 
 What is fixed: rows are indexed 0..B*K-1 (Q27: batched == batch-1 results), the best hypothesis stores its
-length and no stale tail (Q33), queries are left-padded and prefilled once, then one token per step through the
-cache (Q28), and an example stops as soon as no live beam can beat its best finished hypothesis (see
+length and no stale tail (Q33), queries are left-padded and prefilled once, then one token per step through a
+cache preallocated for eval_len more positions, in which beams reorder only their generated positions (Q28), and an example stops as soon as no live beam can beat its best finished hypothesis (see
 `_upper_bound`); finished examples leave the batch. None of these fixes changes any output.
 
 This module is plain PyTorch: the model is anything with `hidden(...)` and `logits(...)` like `steps.model.GPT2`.
@@ -26,6 +26,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from steps.model import KVCache
 
 KV = tuple[torch.Tensor, torch.Tensor]
 NEG_INF = float("-inf")
@@ -211,11 +213,9 @@ def beam_search(model: CausalLM, queries: Sequence[Sequence[int]], cfg: BeamConf
             mask = None if key_mask.all() else key_mask
             hidden, past = model.hidden(tokens, position_ids=pos, attention_mask=mask, past=past)
             step_logits = _fp32_logits(model, hidden[:, -1])
-        # The global top-K over K*V candidates can only use each row's own top K, so only those get normalised:
-        # log p = z - logsumexp(z) for K tokens per row, instead of a log_softmax and a top-K over all [R, V].
-        logits = process_logits(step_logits, history, step, cfg)
-        row_top, row_token = logits.topk(min(K, vocab), dim=1)
-        row_top = row_top - torch.logsumexp(logits, dim=1, keepdim=True)
+        # The global top-K over K*V candidates can only use each row's own top K: a top-K per row, then one over
+        # K*K candidates per query. (log_softmax is one fused pass; logsumexp alone took twice as long.)
+        row_top, row_token = next_token_logprobs(step_logits, history, step, cfg).topk(min(K, vocab), dim=1)
         per_row = row_top.shape[1]
         candidates = (row_top + beam_scores.view(-1, 1)).view(len(active), width * per_row)
         if candidates.shape[1] < K:  # only when K > V at step 0: fill with impossible candidates
@@ -244,12 +244,30 @@ def beam_search(model: CausalLM, queries: Sequence[Sequence[int]], cfg: BeamConf
         if step + 1 < cfg.eval_len:  # move the cache rows to follow their beams (and drop finished queries)
             new_key = torch.ones(len(source), 1, dtype=torch.bool, device=device)
             key_mask = torch.cat((key_mask.index_select(0, source), new_key), dim=1)
-            past = [(k.index_select(0, source), v.index_select(0, source)) for k, v in past]
+            past = _follow_beams(past, source, ids.shape[1] if keep is None else 0, ids.shape[1] + cfg.eval_len)
 
     live = beam_scores.isfinite()
     if live.any():
         _record(best, active, live, beam_scores / float(cfg.eval_len) ** cfg.length_penalty, history, finished=False)
     return best
+
+
+def _follow_beams(past: list, source: torch.Tensor, prompt_width: int, capacity: int) -> list[KVCache]:
+    """Cache row i takes old row source[i]; returns the cache for the next step.
+
+    The prefill's (k, v) tuples become `KVCache` buffers with room for the whole search, so each step writes its
+    token in place. Every beam of a query shares the query's prompt, so a reorder among a query's beams copies
+    only the generated positions (after `prompt_width`; 0 when queries were dropped and everything moves).
+    """
+    followed = []
+    for layer in past:
+        if isinstance(layer, KVCache):
+            layer.select_rows(source, same_before=prompt_width)
+            followed.append(layer)
+        else:  # the prefill's tuples, or a model that returns new tuples at every step
+            k, v = layer
+            followed.append(KVCache(k.index_select(0, source), v.index_select(0, source), capacity))
+    return followed
 
 
 def _record(

@@ -18,7 +18,7 @@ from steps.beam import (
     beam_search,
     next_token_logprobs,
 )
-from steps.model import GPT2, GPT2Config
+from steps.model import GPT2, GPT2Config, KVCache
 
 NEG_INF = float("-inf")
 
@@ -267,6 +267,36 @@ def test_early_stop_waits_for_longer_hypotheses_when_length_penalty_is_positive(
     got = beam_search(model, [[0]], BeamConfig(length_penalty=0.0, **base))[0]
     assert got.tokens == [3] and got.score == pytest.approx(math.log(0.9), abs=1e-5)
     assert model.calls == 1  # the prefill only
+
+
+class _CacheSpy:
+    """Passes every call through to a GPT2 and records the cache objects beam search hands it."""
+
+    def __init__(self, model: GPT2):
+        self.model, self.pasts = model, []
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def hidden(self, input_ids, **kwargs):
+        self.pasts.append(kwargs.get("past"))
+        return self.model.hidden(input_ids, **kwargs)
+
+    def logits(self, hidden):
+        return self.model.logits(hidden)
+
+
+def test_decoding_writes_each_token_into_one_preallocated_cache():
+    # The speed of the search rests on this: after the prefill every step extends the same buffers in place.
+    spy = _CacheSpy(peaky_model(vocab=30, seed=3))
+    cfg = BeamConfig(beam=3, eval_len=6, eos_token_ids=(0,), no_repeat_ngram_size=0, early_stop=False)
+    beam_search(spy, [[4, 5, 6], [7]], cfg)
+    prefill, steps = spy.pasts[0], spy.pasts[1:]
+    assert prefill is None and len(steps) == cfg.eval_len - 1
+    layers = steps[0]
+    assert all(isinstance(layer, KVCache) for layer in layers)
+    assert all(past[0] is layers[0] for past in steps)  # the same object throughout: no per-step copies
+    assert layers[0].k.shape[:3] == (6, 2, 3 + cfg.eval_len) and layers[0].length == 3 + cfg.eval_len - 1
 
 
 class _FirstStepRowBug(_Biased):
