@@ -37,7 +37,7 @@ NGram = tuple[str, ...]
 JAVA_HINT = (
     "Java is needed for METEOR 1.5 and the Stanford PTB tokeniser; install it with "
     "`apt-get install default-jre-headless` (any Java >= 8), or pass --no_meteor to score without METEOR "
-    "(ROUGE-L and CIDEr then use a pure-Python approximation of the PTB tokeniser)"
+    "(in the DVC pipeline: evaluate.no_meteor: true in params.yaml; ROUGE-L and CIDEr then use a pure-Python approximation of the PTB tokeniser)"
 )
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--weight_decay", type=float, default=0.01, help="decoupled weight decay, applied after the Adam step")
     opt.add_argument("--correct_bias", action="store_true", help="Adam bias correction (off by default, as in the original; its README turns it on)")
     opt.add_argument("--adam_epislon", type=float, default=1e-6, help="Adam epsilon (the original's spelling)")
-    opt.add_argument("--adam_beta1", type=float, default=0.9)
-    opt.add_argument("--adam_beta2", type=float, default=0.98)
+    opt.add_argument("--adam_beta1", type=float, default=0.9, help="Adam decay of the gradient mean")
+    opt.add_argument("--adam_beta2", type=float, default=0.98, help="Adam decay of the squared-gradient mean (the "
+                     "original's default 0.98; its README and the paper's recipe use 0.999)")
     opt.add_argument("--no_decay_bias", action="store_true", help="no weight decay on biases and LayerNorm weights")
     opt.add_argument("--scheduler", default="linear", choices=["linear", "cosine", "cosine_reference", "constant", "cycle", "inv_sqrt", "dev_perf", "none"],
                      help="learning-rate schedule; inv_sqrt and dev_perf mean a constant rate, as in the original")
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "computes it natively (recent GPUs, CPUs with AVX512-BF16/AMX), else fp32")
     run.add_argument("--fp16", action="store_true", help="same as --precision fp16 (the original's flag)")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
-    run.add_argument("--random_seed", type=int, default=10)
+    run.add_argument("--random_seed", type=int, default=10, help="seeds LoRA init, data order and dropout; with the same "
+                     "seed a resumed run repeats an uninterrupted one exactly")
     run.add_argument("--log_interval", type=int, default=100, help="updates between log lines and MLflow metrics")
     run.add_argument("--eval_interval", type=int, default=2000, help="updates between validations")
     run.add_argument("--save_interval", type=int, default=500, help="updates between checkpoints (adapter + resume state)")

@@ -198,3 +198,23 @@ def test_default_params_drive_every_stage_command():
             assert isinstance(node, dict) and part in node, f"dvc.yaml uses ${{{ref}}} but params.yaml lacks it"
             node = node[part]
     parse_args(trainer_argv(params["finetune"]))  # raises SystemExit on an unknown flag
+
+
+@pytest.mark.parametrize("dataset, ref_file, no_meteor", [("e2e", "outputs/refs.txt", False), ("webnlg", "outputs/refs", True)])
+def test_dataset_and_meteor_settings_reach_the_stage_commands(tmp_path, monkeypatch, dataset, ref_file, no_meteor):
+    """DVC itself renders the decode and evaluate commands from params.yaml (the README's switches)."""
+    from dvc.repo import Repo
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"]["dataset"] = params["decode"]["ref_type"] = dataset
+    params["decode"]["ref_file"], params["evaluate"]["no_meteor"] = ref_file, no_meteor
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    Repo.init(str(tmp_path), no_scm=True)
+    monkeypatch.chdir(tmp_path)  # DVC resolves stage names against the working directory
+    repo = Repo(str(tmp_path))
+    decode, evaluate = (repo.stage.collect(name)[0] for name in ("decode", "evaluate"))
+    assert f"--ref_type {dataset} --output_ref_file {ref_file} " in decode.cmd
+    assert evaluate.cmd.startswith(f"python -m steps.evaluate {ref_file} outputs/preds.txt --ref_type {dataset} ")
+    assert ("--no_meteor" in evaluate.cmd.split()) == no_meteor
+    assert "models/mlflow_run.json" in {dep.def_path for dep in evaluate.deps}  # scores go to the run finetune wrote

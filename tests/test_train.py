@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_run_args, write_base
 
-from steps.checkpoints import load_adapter, read_tensors
+from steps.checkpoints import load_adapter, load_base_weights, read_tensors
 from steps.data import build_examples, collate, load_encoded
 from steps.lora import LoRAConfig
 from steps.model import CARDS, GPT2
@@ -53,6 +53,20 @@ def test_training_learns_and_writes_every_output(tmp_path):
     assert (work / "best" / "adapter.safetensors").is_file()
     summary = json.loads((work / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["best_valid_loss"] == pytest.approx(min(float(r["valid_loss"]) for r in valid_log))
+
+
+def test_lora_dim_0_fine_tunes_the_whole_model_as_the_original_default(tmp_path):
+    work = tmp_path / "full"
+    args = tiny_run_args(tmp_path / "data", work, lora_dim=0, lr=1e-3, max_step=12, log_interval=4, eval_interval=12, save_interval=12)
+    assert main(args) == 0
+    train_log = read_csv(work / "train_log.csv")
+    assert float(train_log[-1]["nll"]) < float(train_log[0]["nll"])
+    assert not (work / "adapter.safetensors").exists()  # no LoRA: the output is a whole model in the base's format
+    base, tuned = GPT2(CARDS["gpt2.tiny"]), GPT2(CARDS["gpt2.tiny"])
+    load_base_weights(base, tmp_path / "data" / "base.safetensors")
+    load_base_weights(tuned, work / "model.safetensors")
+    changed = {name for (name, a), b in zip(base.state_dict().items(), tuned.state_dict().values()) if not torch.equal(a, b)}
+    assert {"h.0.mlp.c_fc.weight", "h.1.attn.c_attn.weight", "wte.weight"} <= changed  # every kind of weight trained
 
 
 def test_masked_loss_equals_direct_label_smoothed_cross_entropy(tmp_path):
