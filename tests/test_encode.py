@@ -118,7 +118,7 @@ def test_directory_mode_encodes_every_split(tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "encoded").iterdir())
     assert names == sorted(f"{s}.jsonl{m}" for s in ("train", "valid", "test") for m in ("", ".meta.json"))
     out = capsys.readouterr().out
-    assert out.count("lines/s") == 3 and "tokens/example min 28 median 28 max 28" in out
+    assert out.count("lines/s") == 3 and "tokens/example min 28 median 28 max 28, 0 over 512" in out
     assert out.strip().splitlines()[-1].startswith("encode: 3 file(s), 9 lines")
 
 
