@@ -12,8 +12,9 @@ What is kept from the original, because it defines the reference outputs:
 
 What is fixed: rows are indexed 0..B*K-1 (Q27: batched == batch-1 results), the best hypothesis stores its
 length and no stale tail (Q33), queries are left-padded and prefilled once, then one token per step through a
-cache preallocated for eval_len more positions, in which beams reorder only their generated positions (Q28), and an example stops as soon as no live beam can beat its best finished hypothesis (see
-`_upper_bound`); finished examples leave the batch. None of these fixes changes any output.
+cache preallocated for eval_len more positions, in which beams reorder only their generated positions (Q28), and
+an example stops as soon as no live beam can beat its best finished hypothesis (see `_upper_bound`); finished
+examples leave the batch. None of these fixes changes any output.
 
 This module is plain PyTorch: the model is anything with `hidden(...)` and `logits(...)` like `steps.model.GPT2`.
 """
