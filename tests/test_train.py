@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_run_args, write_base
 
-from steps.checkpoints import load_adapter, load_base_weights, read_tensors
+from steps.checkpoints import load_adapter, load_base_weights, load_resume_state, read_tensors
 from steps.data import build_examples, collate, load_encoded
 from steps.lora import LoRAConfig
 from steps.model import CARDS, GPT2
@@ -176,6 +176,21 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsy
     code = main(tiny_run_args(tmp_path / "data", work, lr=1e30, warmup_step=0, max_step=20, log_interval=1, save_interval=1))
     assert code == 3
     assert "loss became" in capsys.readouterr().err
+    assert not (work / "adapter.safetensors").exists()
+
+
+def test_divergence_after_good_updates_keeps_their_checkpoints(tmp_path, capsys):
+    # Four updates at a sane lr (checkpoints at 2 and 4), then the cycle schedule jumps to 1e30 and the loss blows up.
+    work = tmp_path / "run"
+    args = tiny_run_args(tmp_path / "data", work, scheduler="cycle", i_steps="0,4,5,20", i_lrs="0.002,0.002,1e30,1e30",
+                         warmup_step=0, max_step=None, log_interval=1, eval_interval=100, save_interval=2)
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "loss became" in err and str(work / "resume") in err
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert all(t.isfinite().all() for t in read_tensors(work / "checkpoints" / "step_4" / "adapter.safetensors").values())
+    state = load_resume_state(work / "resume" / "state.pt")
+    assert state["step"] == 4 and all(t.isfinite().all() for t in state["trainable"].values())
     assert not (work / "adapter.safetensors").exists()
 
 
