@@ -340,30 +340,22 @@ def write_splits(splits: dict[str, Split], out_dir: Path) -> None:
 
 
 def split_stats(split: Split) -> dict[str, float]:
+    """Counts and length spreads in words (this stage runs before tokenisation; encode reports tokens)."""
     contexts = [e.context for e in split.examples]
-    words = [len(e.completion.split()) for e in split.examples]
-    chars = [len(e.completion) for e in split.examples]
-    return {
-        "examples": len(split.examples),
-        "unique_contexts": len(set(contexts)),
-        "context_words_mean": statistics.fmean(len(c.split()) for c in contexts),
-        "completion_words_mean": statistics.fmean(words),
-        "completion_words_max": max(words),
-        "completion_chars_mean": statistics.fmean(chars),
-        "completion_chars_max": max(chars),
-        "skipped": split.skipped,
-    }
+    stats: dict[str, float] = {"examples": len(split.examples), "unique_contexts": len(set(contexts)), "skipped": split.skipped}
+    for side, texts in (("context", contexts), ("completion", [e.completion for e in split.examples])):
+        words = [len(t.split()) for t in texts]
+        stats |= {f"{side}_words_min": min(words), f"{side}_words_median": statistics.median(words), f"{side}_words_max": max(words)}
+    return stats
 
 
 def print_summary(splits: dict[str, Split], label: str, out: str) -> None:
-    print(f"{'split':<6} {'examples':>9} {'contexts':>9} {'ctx words':>10} {'ref words':>10} {'ref chars':>10} {'skipped':>8}")
+    print(f"{'split':<6} {'examples':>9} {'contexts':>9} {'context words min/median/max':>29} "
+          f"{'completion words min/median/max':>32} {'rejected':>9}")
     for name, split in splits.items():
         s = split.stats = split_stats(split)
-        print(
-            f"{name:<6} {s['examples']:>9,} {s['unique_contexts']:>9,} {s['context_words_mean']:>10.1f} "
-            f"{s['completion_words_mean']:>5.1f}/{s['completion_words_max']:<4} {s['completion_chars_mean']:>5.0f}/{s['completion_chars_max']:<4} "
-            f"{s['skipped']:>8,}"
-        )
+        spreads = [f"{s[f'{side}_words_min']}/{s[f'{side}_words_median']:g}/{s[f'{side}_words_max']}" for side in ("context", "completion")]
+        print(f"{name:<6} {s['examples']:>9,} {s['unique_contexts']:>9,} {spreads[0]:>29} {spreads[1]:>32} {s['skipped']:>9,}")
     reasons = sorted({s.skip_reason for s in splits.values() if s.skipped})
     skipped = sum(s.skipped for s in splits.values())
     counts = ", ".join(f"{name} {len(s.examples):,}" for name, s in splits.items())

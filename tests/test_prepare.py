@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,19 @@ def expected_jsonl(records) -> str:
 
 
 # ---------------------------------------------------------------- E2E text
+
+
+def test_summary_gives_counts_and_word_length_spreads_per_split(tmp_path, capsys):
+    assert run_prepare("--dataset", "e2e", "--raw_dir", write_e2e_txt(tmp_path / "raw"), "--out_dir", tmp_path / "out") == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+
+    def spread(texts):
+        words = [len(t.split()) for t in texts]
+        return f"{min(words)}/{statistics.median(words):g}/{max(words)}"
+
+    contexts, completions = zip(*(line.split("||") for line in TXT_LINES))
+    for split in ("train", "valid", "test"):
+        assert rows[split][1:] == ["3", str(len(set(contexts))), spread(contexts), spread(completions), "0"]
 
 
 def test_e2e_txt_exact_bytes(tmp_path):
