@@ -14,6 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+# The original's --seq_len: the trainer's default example length (longer ones lose context tokens there).
+DEFAULT_SEQ_LEN = 512
+
 
 class InputError(ValueError):
     """A problem with something the user gave us (a file, a flag, a checkpoint).

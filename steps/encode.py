@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steps.common import InputError, atomic_write, iter_jsonl
+from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl
 from steps.tokenizer import Tokenizer, get_tokenizer
 
 META_FORMAT = "nlg-encoded"
@@ -146,16 +146,13 @@ def write_encoded(results: list[Encoded]) -> None:
             meta_file.write("\n")
 
 
-TRAIN_SEQ_LEN = 512  # steps.train's default --seq_len; longer examples lose context tokens there (never completion ones)
-
-
 def summary_line(result: Encoded) -> str:
     tokens = sum(result.total_lengths)
     seconds = max(result.seconds, 1e-9)
     return (
         f"encode: {result.source} -> {result.output}: {len(result.lines):,} lines ({result.unique_contexts:,} unique contexts), "
         f"tokens/example min {min(result.total_lengths)} median {statistics.median(result.total_lengths):g} "
-        f"max {max(result.total_lengths)}, {sum(n > TRAIN_SEQ_LEN for n in result.total_lengths):,} over {TRAIN_SEQ_LEN} "
+        f"max {max(result.total_lengths)}, {sum(n > DEFAULT_SEQ_LEN for n in result.total_lengths):,} over {DEFAULT_SEQ_LEN} "
         f"(the trainer's default --seq_len cuts their context); {len(result.lines) / seconds:,.0f} lines/s, "
         f"{tokens / seconds:,.0f} tokens/s"
     )

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from steps import checkpoints as ckpt
-from steps.common import InputError, write_json
+from steps.common import DEFAULT_SEQ_LEN, InputError, write_json
 from steps.data import Example, build_examples, collate, epoch_updates, load_encoded, shard_sequential
 from steps.encode import read_encoded_meta
 from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train_batch_size", type=int, default=8, help="examples per micro-batch per process")
     data.add_argument("--valid_batch_size", type=int, default=4, help="validation examples per batch per process")
     data.add_argument("--grad_acc", type=int, default=1, help="micro-batches per optimizer update")
-    data.add_argument("--seq_len", type=int, default=512, help="maximum tokens per example (longer ones are truncated)")
+    data.add_argument("--seq_len", type=int, default=DEFAULT_SEQ_LEN, help="maximum tokens per example (longer ones are truncated)")
     data.add_argument("--obj", default="clm", choices=["clm", "jlm"], help="clm: loss on completion tokens only; jlm: on every next token")
     data.add_argument("--pad", default="batch", choices=["batch", "fixed"], help="pad each batch to its longest example, or to --seq_len as the original did")
     data.add_argument("--bucket_window", type=int, default=0,
