@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from steps.common import InputError, atomic_write
+from steps.common import InputError, atomic_path, atomic_write
 from steps.lora import LoRAConfig, lora_state_dict
 from steps.model import CARDS, GPT2, GPT2Config
 
@@ -139,11 +139,8 @@ def save_hf_checkpoint(model: GPT2, path: str | os.PathLike) -> None:
         if "lora_" in name:
             continue
         tensors[name] = (p.detach().t() if _CONV1D.search(name) else p.detach()).contiguous().cpu()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 # ----------------------------------------------------------------------------------------------- adapters
@@ -173,11 +170,11 @@ def adapter_config(model: GPT2, model_card: str, base: dict[str, Any], step: int
 def save_adapter(model: GPT2, out_dir: str | os.PathLike, config: dict[str, Any]) -> None:
     """Write adapter.safetensors + adapter_config.json (LoRA tensors only, never the base)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
-    tmp = out_dir / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT, "step": str(config["step"])})
-    os.replace(tmp, out_dir / ADAPTER_WEIGHTS)
+    with atomic_path(out_dir / ADAPTER_WEIGHTS) as tmp:
+        # One metadata key only: safetensors writes its metadata map in an order that changes from process to
+        # process, and DVC and users compare adapters by hash. The step lives in adapter_config.json.
+        save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT})
     with atomic_write(out_dir / ADAPTER_CONFIG) as f:
         json.dump(config, f, indent=2)
         f.write("\n")
@@ -261,11 +258,8 @@ def apply_adapter(model: GPT2, tensors: dict[str, torch.Tensor], source: str | o
 
 def save_resume_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Atomically write the resume state (tensors and plain Python values only: weights_only-loadable)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -35,27 +35,57 @@ class InputError(ValueError):
         self.line = line
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
-    """Write to a temporary file next to `path` and rename it into place on success.
+def _umask() -> int:
+    """The process umask (reading it means setting it; done once, at import, before any thread starts)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    A crash or an exception leaves no half-written file that a later stage (or DVC)
-    could mistake for valid output.
+
+# Files we write get the permissions a plain open() would give them (typically 0644), not mkstemp's 0600.
+FILE_MODE = 0o666 & ~_umask()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or a new file in `path` durable: a crash right after it cannot resurrect the old entry."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name next to `path`; on success it is fsynced, renamed into place and the directory fsynced.
+
+    The one way this project writes a file: a crash, a full disk or an exception leaves either the old
+    file or the new one, never half of one that a later stage (or DVC, or a resume) could take for valid.
+    Use it directly for writers that want a file name (safetensors, matplotlib, torch.save).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        kwargs = {} if "b" in mode else {"encoding": encoding}
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
+        os.fchmod(fd, FILE_MODE)
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """`with atomic_write(path) as f: f.write(...)`: an open file with atomic_path's guarantees."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
+        yield f
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
@@ -84,11 +114,24 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss became nan/inf: rerunning with the same settings gives the same result (exit status 3)."""
+
+
+# Exit statuses every entry point shares; the finetune flow never retries 2 or 3 (the same input fails again).
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
 def run_stage(body: Callable[[], object]) -> int:
-    """Run a stage's body the way every entry point does: an InputError becomes `error: ...` and exit status 2."""
+    """Run a stage's body the way every entry point does: an InputError becomes `error: ...` and exit
+    status 2, a diverged loss exit status 3; anything else is a bug and keeps its traceback."""
     try:
         body()
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0

@@ -26,41 +26,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl
+from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, run_stage
+from steps.encoded_meta import META_FORMAT, META_VERSION, meta_path
 from steps.tokenizer import Tokenizer, get_tokenizer
 
-META_FORMAT = "nlg-encoded"
-META_VERSION = 1
 CHUNK = 4096  # completions encoded per batch call; also the progress-bar step
 PROGRESS_MIN_LINES = 10_000
-
-
-def meta_path(output: str | Path) -> Path:
-    """Where the sidecar of an encoded file lives: `<output>.meta.json`."""
-    output = Path(output)
-    return output.with_name(output.name + ".meta.json")
-
-
-def read_encoded_meta(path: str | Path) -> dict[str, Any] | None:
-    """The sidecar of the encoded file `path`, or None when it has none (e.g. written by the original gpt2_encode.py).
-
-    Raises InputError when the sidecar exists but is not ours or is from a newer version, so the
-    trainer never guesses. Keys: format, version, tokenizer, vocab_sha256, add_bos, add_eos, source,
-    examples, max_len (longest context + completion, special tokens included), max_context_len,
-    max_completion_len.
-    """
-    sidecar = meta_path(path)
-    if not sidecar.exists():
-        return None
-    try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"unreadable metadata ({exc}); re-run steps.encode to rewrite it", sidecar) from None
-    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-        raise InputError(f'expected {{"format": "{META_FORMAT}", ...}}; re-run steps.encode', sidecar)
-    if not isinstance(meta.get("version"), int) or meta["version"] > META_VERSION:
-        raise InputError(f"metadata version {meta.get('version')!r} is newer than this code ({META_VERSION}); update the code", sidecar)
-    return meta
 
 
 @dataclass
@@ -189,23 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        start = time.perf_counter()
-        jobs = plan_jobs(args)
-        tok = get_tokenizer(args.vocab)
-        results = [encode_file(source, output, tok, args.add_bos, args.add_eos) for source, output in jobs]
-        write_encoded(results)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    jobs = plan_jobs(args)
+    tok = get_tokenizer(args.vocab)
+    results = [encode_file(source, output, tok, args.add_bos, args.add_eos) for source, output in jobs]
+    write_encoded(results)
     for result in results:
         print(summary_line(result))
     lines = sum(len(r.lines) for r in results)
     flags = f"add_bos={args.add_bos} add_eos={args.add_eos}"
     print(f"encode: {len(results)} file(s), {lines:,} lines in {time.perf_counter() - start:.2f} s ({flags}, vocab {tok.vocab_sha256[:12]})")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_stage(lambda: run(args))
 
 
 if __name__ == "__main__":

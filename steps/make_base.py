@@ -13,7 +13,7 @@ import sys
 import torch
 
 from steps.checkpoints import save_hf_checkpoint, sha256_file
-from steps.common import InputError
+from steps.common import run_stage
 from steps.model import CARDS, GPT2, card
 
 
@@ -23,18 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="torch seed for the random init (same seed, same file)")
     parser.add_argument("--output", required=True, help="where to write model.safetensors")
     args = parser.parse_args(argv)
-    try:
-        cfg = card(args.model_card)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    torch.manual_seed(args.seed)
-    model = GPT2(cfg)
-    save_hf_checkpoint(model, args.output)
+    return run_stage(lambda: write_random_base(args.model_card, args.seed, args.output))
+
+
+def write_random_base(model_card: str, seed: int, output: str) -> None:
+    cfg = card(model_card)
+    with torch.random.fork_rng(devices=[]):  # callers (tests) keep their RNG state
+        torch.manual_seed(seed)
+        model = GPT2(cfg)
+    save_hf_checkpoint(model, output)
     n = sum(p.numel() for p in model.parameters())
-    print(f"make_base: {args.model_card} random init (seed {args.seed}), {n:,} parameters -> {args.output} "
-          f"(sha256 {sha256_file(args.output)[:12]})")
-    return 0
+    print(f"make_base: {model_card} random init (seed {seed}), {n:,} parameters -> {output} (sha256 {sha256_file(output)[:12]})")
 
 
 if __name__ == "__main__":

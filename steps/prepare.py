@@ -11,7 +11,7 @@ Datasets (REFERENCE.md 1, F1-F2):
   trained on one form accepts the other (see docs/data.md for how close the two are).
 - webnlg: WebNLG 2017 JSON; only "good" lexicalisations; `cate` = seen category.
 - dart: DART JSON; relations lower-cased; one line per annotation.
-- sample: the synthetic E2E-style set of steps/sample_data.py, generated from --seed.
+The offline sample (steps/sample_data.py) is written as E2E text files and read as `e2e`.
 
 Lines are written with Python's default `json.dumps` (ASCII-escaped, keys in order), exactly
 like the original converters, so the bytes match theirs. All splits are read and checked
@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from steps.common import InputError, atomic_write, run_stage
-from steps.sample_data import generate_sample
 
 SPLITS = ("train", "valid", "test")
-DATASETS = ("sample", "e2e", "webnlg", "dart")
+DATASETS = ("e2e", "webnlg", "dart")
 
 E2E_TXT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
 E2E_CSV_FILES = {"train": "trainset.csv", "valid": "devset.csv", "test": "testset_w_refs.csv"}
@@ -316,15 +315,6 @@ def read_dataset(dataset: str, raw_dir: Path, fmt: str = "auto") -> tuple[dict[s
     return {split: reader(raw_dir / files[split]) for split in SPLITS}, label
 
 
-def sample_dataset(seed: int, train_mrs: int, valid_mrs: int, test_mrs: int) -> dict[str, Split]:
-    """The synthetic sample, formatted exactly as if its text files had been converted."""
-    generated = generate_sample(seed, train_mrs, valid_mrs, test_mrs)
-    return {split: Split([Example(mr, ref) for mr, ref in lines], f"sample(seed={seed})") for split, lines in generated.items()}
-
-
-# ---------------------------------------------------------------- writing and summary
-
-
 def check_not_empty(splits: dict[str, Split]) -> None:
     for name, split in splits.items():
         if not split.examples:
@@ -376,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input", nargs="?", help="original form: an E2E `MR||ref` text file")
     parser.add_argument("output", nargs="?", help="original form: the formatted JSONL file to write")
-    parser.add_argument("--dataset", choices=DATASETS, help="which raw dataset to read (sample is generated, no raw files)")
+    parser.add_argument("--dataset", choices=DATASETS, help="which raw dataset to read (the offline sample is e2e: python -m steps.sample_data writes its files)")
     parser.add_argument("--raw_dir", help="directory with the raw release files (default: data/raw/<dataset>)")
     parser.add_argument("--out_dir", default="data/formatted", help="where train.jsonl, valid.jsonl and test.jsonl go")
     parser.add_argument(
@@ -385,10 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="e2e only: read the MR||ref text files (txt) or the official CSV release (csv); auto prefers txt",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated sample (real datasets keep their order)")
-    parser.add_argument("--sample_train_mrs", type=int, default=600, help="sample only: distinct MRs in train")
-    parser.add_argument("--sample_valid_mrs", type=int, default=60, help="sample only: distinct MRs in valid")
-    parser.add_argument("--sample_test_mrs", type=int, default=60, help="sample only: distinct MRs in test")
     return parser
 
 
@@ -407,12 +393,9 @@ def run(args: argparse.Namespace) -> None:
         convert_one_file(Path(args.input), Path(args.output))
         return
     if args.dataset is None:
-        raise InputError("give --dataset (sample, e2e, webnlg, dart) or the two paths INPUT OUTPUT")
-    if args.dataset == "sample":
-        splits, label = sample_dataset(args.seed, args.sample_train_mrs, args.sample_valid_mrs, args.sample_test_mrs), "sample"
-    else:
-        raw_dir = Path(args.raw_dir or f"data/raw/{args.dataset}")
-        splits, label = read_dataset(args.dataset, raw_dir, args.e2e_format)
+        raise InputError(f"give --dataset ({', '.join(DATASETS)}) or the two paths INPUT OUTPUT")
+    raw_dir = Path(args.raw_dir or f"data/raw/{args.dataset}")
+    splits, label = read_dataset(args.dataset, raw_dir, args.e2e_format)
     check_not_empty(splits)
     write_splits(splits, Path(args.out_dir))
     print_summary(splits, label, args.out_dir)

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from steps.common import InputError, atomic_write
+from steps.common import InputError, atomic_write, run_stage
 
 SPLITS = ("train", "valid", "test")
 
@@ -228,16 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--valid_mrs", type=int, default=60, help="distinct MRs in valid (4-8 references each)")
     parser.add_argument("--test_mrs", type=int, default=60, help="distinct MRs in test (5-10 references each)")
     args = parser.parse_args(argv)
-    try:
-        start = time.perf_counter()
-        splits = generate_sample(args.seed, args.train_mrs, args.valid_mrs, args.test_mrs)
-        write_text_files(splits, Path(args.out_dir))
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_stage(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    splits = generate_sample(args.seed, args.train_mrs, args.valid_mrs, args.test_mrs)
+    write_text_files(splits, Path(args.out_dir))
     sizes = ", ".join(f"{split} {len(lines)} lines" for split, lines in splits.items())
     print(f"sample_data: wrote {sizes} to {args.out_dir} (seed {args.seed}, {time.perf_counter() - start:.2f} s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch import nn
 from steps import checkpoints as ckpt
 from steps.common import DEFAULT_SEQ_LEN, InputError, write_json
 from steps.data import Example, build_examples, collate, epoch_updates, load_encoded, shard_sequential
-from steps.encode import read_encoded_meta
+from steps.encoded_meta import check_same_encoding
 from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
 from steps.model import CARDS, GPT2, card
 from steps.optim import NO_SCHEDULE, AdamW, build_scheduler, cycle_max_step, param_groups_for
@@ -215,27 +215,12 @@ class LossModule(nn.Module):
 
 
 def load_data(args: argparse.Namespace, vocab_size: int) -> tuple[list[Example], list[Example]]:
-    check_encoding_metadata(args.train_data, args.valid_data)
+    check_same_encoding(args.train_data, args.valid_data)
     train_pairs = load_encoded(args.train_data, vocab_size)
     valid_pairs = load_encoded(args.valid_data, vocab_size)
     train = build_examples(train_pairs, args.seq_len, args.obj, args.truncation)
     valid = build_examples(valid_pairs, args.seq_len, "clm", args.truncation)  # validation is always clm, as in the original
     return train, valid
-
-
-def check_encoding_metadata(train_path: str, valid_path: str) -> None:
-    """Refuse train/valid files encoded differently (another tokenizer or other bos/eos flags)."""
-    metas = {p: read_encoded_meta(p) for p in (train_path, valid_path)}
-    known = {p: m for p, m in metas.items() if m is not None}
-    if len(known) == 2:
-        keys = ("tokenizer", "vocab_sha256", "add_bos", "add_eos")
-        a, b = known.values()
-        diff = [k for k in keys if a.get(k) != b.get(k)]
-        if diff:
-            raise InputError(f"encoded with different settings than {train_path} ({', '.join(diff)}); re-encode both with steps.encode", valid_path)
-    for path, meta in known.items():
-        if meta.get("tokenizer", "gpt2-bpe") != "gpt2-bpe":
-            raise InputError(f"encoded with tokenizer {meta.get('tokenizer')!r}, GPT-2 needs gpt2-bpe", path)
 
 
 def build_model(args: argparse.Namespace) -> GPT2:

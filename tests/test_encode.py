@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from steps import encode
+from steps import encode, encoded_meta
 from steps.common import InputError
 from steps.tokenizer import get_tokenizer, packaged_vocab_dir
 
@@ -48,7 +48,7 @@ def test_without_flags_no_special_tokens(tmp_path):
     src = write_formatted(tmp_path / "in.jsonl", [REFERENCE_LINE])
     assert run_encode("--input", src, "--output", tmp_path / "out.jsonl") == 0
     assert json.loads((tmp_path / "out.jsonl").read_text()) == {"context": REFERENCE_CONTEXT, "completion": REFERENCE_COMPLETION}
-    assert encode.read_encoded_meta(tmp_path / "out.jsonl")["add_bos"] is False
+    assert encoded_meta.read_encoded_meta(tmp_path / "out.jsonl")["add_bos"] is False
 
 
 @pytest.mark.parametrize(("add_bos", "add_eos"), [(True, True), (False, True), (True, False)])
@@ -79,8 +79,8 @@ def test_sidecar_metadata(tmp_path):
     src = write_formatted(tmp_path / "in.jsonl", records)
     out = tmp_path / "enc" / "train.jsonl"
     assert run_encode("--input", src, "--output", out, "--add_bos", "--add_eos") == 0
-    assert encode.meta_path(out) == tmp_path / "enc" / "train.jsonl.meta.json"
-    meta = encode.read_encoded_meta(out)
+    assert encoded_meta.meta_path(out) == tmp_path / "enc" / "train.jsonl.meta.json"
+    meta = encoded_meta.read_encoded_meta(out)
     assert meta == {
         "format": "nlg-encoded",
         "version": 1,
@@ -99,16 +99,16 @@ def test_sidecar_metadata(tmp_path):
 def test_read_encoded_meta_missing_and_bad(tmp_path):
     data = tmp_path / "x.jsonl"
     data.write_text("")
-    assert encode.read_encoded_meta(data) is None  # e.g. a file from the original gpt2_encode.py
-    encode.meta_path(data).write_text("{not json")
+    assert encoded_meta.read_encoded_meta(data) is None  # e.g. a file from the original gpt2_encode.py
+    encoded_meta.meta_path(data).write_text("{not json")
     with pytest.raises(InputError, match="unreadable metadata"):
-        encode.read_encoded_meta(data)
-    encode.meta_path(data).write_text(json.dumps({"format": "nlg-encoded", "version": 2}))
+        encoded_meta.read_encoded_meta(data)
+    encoded_meta.meta_path(data).write_text(json.dumps({"format": "nlg-encoded", "version": 2}))
     with pytest.raises(InputError, match="newer than this code"):
-        encode.read_encoded_meta(data)
-    encode.meta_path(data).write_text(json.dumps({"format": "something-else", "version": 1}))
+        encoded_meta.read_encoded_meta(data)
+    encoded_meta.meta_path(data).write_text(json.dumps({"format": "something-else", "version": 1}))
     with pytest.raises(InputError, match="expected"):
-        encode.read_encoded_meta(data)
+        encoded_meta.read_encoded_meta(data)
 
 
 def test_directory_mode_encodes_every_split(tmp_path, capsys):

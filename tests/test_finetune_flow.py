@@ -37,10 +37,10 @@ TINY = {
 
 def make_project(root: Path) -> None:
     """Tiny real inputs through the real stages: sample -> prepare -> encode, and a random gpt2.tiny base."""
-    from steps import encode, make_base, prepare
+    from steps import encode, make_base, prepare, sample_data
 
-    assert prepare.main(["--dataset", "sample", "--out_dir", str(root / "data/formatted"), "--sample_train_mrs", "40",
-                         "--sample_valid_mrs", "4", "--sample_test_mrs", "3"]) == 0
+    assert sample_data.main(["--out_dir", str(root / "data/raw/sample"), "--train_mrs", "40", "--valid_mrs", "4", "--test_mrs", "3"]) == 0
+    assert prepare.main(["--dataset", "e2e", "--raw_dir", str(root / "data/raw/sample"), "--out_dir", str(root / "data/formatted")]) == 0
     assert encode.main(["--input_dir", str(root / "data/formatted"), "--output_dir", str(root / "data/encoded"),
                         "--add_bos", "--add_eos"]) == 0
     assert make_base.main(["--model_card", "gpt2.tiny", "--seed", "0", "--output", str(root / "models/base/model.safetensors")]) == 0

@@ -250,12 +250,13 @@ def test_real_webnlg_and_dart_counts(shared_data):
 # ---------------------------------------------------------------- sample
 
 
-def test_sample_equals_converting_its_text_files(tmp_path):
-    assert run_prepare("--dataset", "sample", "--out_dir", tmp_path / "direct", "--seed", 5, "--sample_train_mrs", 40) == 0
-    write_text_files(generate_sample(seed=5, train_mrs=40), tmp_path / "raw")
-    assert run_prepare("--dataset", "e2e", "--raw_dir", tmp_path / "raw", "--out_dir", tmp_path / "via_txt") == 0
-    for name in SPLIT_FILES:
-        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "via_txt" / name).read_bytes()
+def test_sample_text_files_convert_line_for_line(tmp_path):
+    generated = generate_sample(seed=5, train_mrs=40)
+    write_text_files(generated, tmp_path / "raw")
+    assert run_prepare("--dataset", "e2e", "--raw_dir", tmp_path / "raw", "--out_dir", tmp_path / "out") == 0
+    for split, lines in generated.items():
+        rows = [json.loads(line) for line in (tmp_path / "out" / f"{split}.jsonl").read_text().splitlines()]
+        assert [(r["context"], r["completion"]) for r in rows] == lines
 
 
 # ---------------------------------------------------------------- errors: message names file and line, no output
@@ -363,7 +364,9 @@ def test_failing_later_split_leaves_earlier_outputs_untouched(tmp_path, capsys):
 
 def test_write_failure_midway_renames_nothing(tmp_path, monkeypatch):
     """Even a failure while writing the last split (after the others were written) publishes nothing."""
-    splits = prepare.sample_dataset(1, 5, 2, 2)
+    raw = tmp_path / "raw"
+    write_text_files(generate_sample(1, 5, 2, 2), raw)
+    splits, _ = prepare.read_dataset("e2e", raw)
     original = prepare.Example.to_json
 
     def explode_in_test(self):
