@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common
-from steps.beam import KV, BeamConfig, Hypothesis
+from steps.beam import BeamConfig, Hypothesis
 from steps.common import InputError
 from steps.decode import make_query, search_queries
-from steps.model import CARDS, GPT2, card
+from steps.model import CARDS, GPT2, KVCache, card
 
 EOS_BIAS = 50.0  # added to the eos logit once a hypothesis reaches --stop_after tokens: eos then wins every beam
 
@@ -72,7 +72,7 @@ class StopAfter(nn.Module):
         self.step = 0
 
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None, past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
+               attention_mask: torch.Tensor | None = None, past: list[KVCache] | None = None) -> tuple[torch.Tensor, list[KVCache]]:
         self.step = 0 if past is None else self.step + 1
         return self.model.hidden(input_ids, position_ids=position_ids, attention_mask=attention_mask, past=past)
 
@@ -98,7 +98,7 @@ class OriginalStepZero(nn.Module):
         self.config = model.config
 
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None, past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
+               attention_mask: torch.Tensor | None = None, past: list[KVCache] | None = None) -> tuple[torch.Tensor, list[KVCache]]:
         if past is not None:
             return self.model.hidden(input_ids, position_ids=position_ids, attention_mask=attention_mask, past=past)
         n, length = input_ids.shape
@@ -107,7 +107,7 @@ class OriginalStepZero(nn.Module):
         padded = F.pad(input_ids, (0, max(0, self.seq_len - length))).repeat(self.beam, 1)  # the original pads with 0
         hidden, past = self.model.hidden(padded)
         self.model.logits(hidden)  # the original's LM head ran on all K x seq_len positions; only one was used
-        return hidden[:1, :length], [(k[:1, :, :length], v[:1, :, :length]) for k, v in past]
+        return hidden[:1, :length], [KVCache(layer.k[:1, :, :length], layer.v[:1, :, :length]) for layer in past]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)

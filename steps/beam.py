@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from steps.model import KVCache
 
-KV = tuple[torch.Tensor, torch.Tensor]
 NEG_INF = float("-inf")
 
 
@@ -42,8 +41,8 @@ class CausalLM(Protocol):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past: list[KV] | None = None,
-    ) -> tuple[torch.Tensor, list[KV]]: ...
+        past: list[KVCache] | None = None,
+    ) -> tuple[torch.Tensor, list[KVCache]]: ...
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
@@ -198,6 +197,8 @@ def beam_search(model: CausalLM, queries: Sequence[Sequence[int]], cfg: BeamConf
 
     ids, key_mask, positions = _left_pad(queries, cfg.pad_token_id, device)
     hidden, past = model.hidden(ids, position_ids=positions, attention_mask=None if key_mask.all() else key_mask)
+    for layer in past:  # room for every token the search may generate, so each step writes in place
+        layer.reserve(ids.shape[1] + cfg.eval_len)
     step_logits = _fp32_logits(model, hidden[:, -1])  # [n, V]: the step-0 distribution of each query (beam 0 only)
     vocab = step_logits.shape[-1]
 
@@ -245,30 +246,14 @@ def beam_search(model: CausalLM, queries: Sequence[Sequence[int]], cfg: BeamConf
         if step + 1 < cfg.eval_len:  # move the cache rows to follow their beams (and drop finished queries)
             new_key = torch.ones(len(source), 1, dtype=torch.bool, device=device)
             key_mask = torch.cat((key_mask.index_select(0, source), new_key), dim=1)
-            past = _follow_beams(past, source, ids.shape[1] if keep is None else 0, ids.shape[1] + cfg.eval_len)
+            prompt_width = ids.shape[1] if keep is None else 0  # a query's beams share its prompt: it stays put
+            for layer in past:  # (unless queries were dropped: then every position moves)
+                layer.select_rows(source, same_before=prompt_width)
 
     live = beam_scores.isfinite()
     if live.any():
         _record(best, active, live, beam_scores / float(cfg.eval_len) ** cfg.length_penalty, history, finished=False)
     return best
-
-
-def _follow_beams(past: list, source: torch.Tensor, prompt_width: int, capacity: int) -> list[KVCache]:
-    """Cache row i takes old row source[i]; returns the cache for the next step.
-
-    The prefill's (k, v) tuples become `KVCache` buffers with room for the whole search, so each step writes its
-    token in place. Every beam of a query shares the query's prompt, so a reorder among a query's beams copies
-    only the generated positions (after `prompt_width`; 0 when queries were dropped and everything moves).
-    """
-    followed = []
-    for layer in past:
-        if isinstance(layer, KVCache):
-            layer.select_rows(source, same_before=prompt_width)
-            followed.append(layer)
-        else:  # the prefill's tuples, or a model that returns new tuples at every step
-            k, v = layer
-            followed.append(KVCache(k.index_select(0, source), v.index_select(0, source), capacity))
-    return followed
 
 
 def _record(

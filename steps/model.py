@@ -16,33 +16,41 @@ from torch import nn
 
 from steps.lora import LoRAConfig, LoRAQKV
 
-# One layer's cache: keys and values, each [batch, heads, time, head_dim].
-KV = tuple[torch.Tensor, torch.Tensor]
-
 
 class KVCache:
-    """One layer's keys and values for step-by-step decoding, in buffers preallocated for `capacity` positions.
+    """One layer's keys and values, each [batch, heads, positions, head_dim], for step-by-step decoding.
 
-    A new position is written in place. Concatenating instead (the plain `KV` tuple) copies the whole cache in
-    every layer at every step: beam search over E2E (160 beam rows, GPT-2 S, CPU) ran 1.2x slower that way.
+    A forward pass without a cache returns the prompt's keys and values wrapped as they are (no copy).
+    `reserve` then moves them once into buffers with room for the whole generation, and each later step writes its
+    new position in place. (Concatenating instead copies the whole cache in every layer at every step: beam search
+    over E2E, 160 beam rows of GPT-2 S on a CPU, ran 1.2x slower that way.)
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, capacity: int):
-        B, H, T, D = k.shape
-        if capacity < T:
-            raise ValueError(f"capacity {capacity} is smaller than the {T} cached positions")
-        self.k, self.v = k.new_empty(B, H, capacity, D), v.new_empty(B, H, capacity, D)
-        self.k[:, :, :T], self.v[:, :, :T] = k, v
-        self.length = T
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+        self.length = k.shape[2]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> KV:
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the keys and values of every position written so far."""
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` positions: the cached ones are copied once into larger buffers."""
+        if capacity > self.capacity:
+            self.k, self.v = self._copied(self.k, capacity), self._copied(self.v, capacity)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new positions after the cached ones; return views of everything cached so far."""
         start, end = self.length, self.length + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"the cache holds {self.k.shape[2]} positions; {end} were asked for")
+        if end > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {end} were asked for (reserve more)")
         self.k[:, :, start:end], self.v[:, :, start:end] = k, v
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.cached()
 
     def select_rows(self, rows: torch.Tensor, same_before: int = 0) -> None:
         """Row i takes the contents of old row rows[i] (beam search: the cache follows its beams).
@@ -52,24 +60,21 @@ class KVCache:
         rows changes, all cached positions are copied into new buffers.
         """
         if rows.numel() != self.k.shape[0]:
-            self.k, self.v = self._gathered(self.k, rows), self._gathered(self.v, rows)
+            self.k, self.v = self._copied(self.k, self.capacity, rows), self._copied(self.v, self.capacity, rows)
         elif same_before < self.length:
             moved = slice(same_before, self.length)
             for buffer in (self.k, self.v):
                 buffer[:, :, moved] = buffer[:, :, moved].index_select(0, rows)
 
-    def _gathered(self, buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """A new buffer of len(rows) rows holding those rows' cached positions (the unused tail is not copied)."""
-        out = buffer.new_empty(rows.numel(), *buffer.shape[1:])
-        out[:, :, : self.length] = buffer[:, :, : self.length].index_select(0, rows)
+    def _copied(self, buffer: torch.Tensor, capacity: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """A new buffer of `capacity` positions holding the cached positions of `rows` (default: every row)."""
+        cached = buffer[:, :, : self.length]
+        if rows is not None:
+            cached = cached.index_select(0, rows)
+        B, H, _, D = cached.shape
+        out = buffer.new_empty(B, H, capacity, D)
+        out[:, :, : self.length] = cached
         return out
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        """Reads like a `KV` tuple (k, v) of the cached positions, for code that knows only tuples."""
-        return (self.k[:, :, : self.length], self.v[:, :, : self.length])[i]
-
-
-Past = KV | KVCache
 
 
 @dataclass(frozen=True)
@@ -111,23 +116,22 @@ class Attention(nn.Module):
         self.c_attn = LoRAQKV(cfg.n_embd, lora)  # fused q, k, v projection with optional LoRA on some of them
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: torch.Tensor, past: Past | None, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, Past]:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None, attn_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, KVCache]:
+        B, T, C = x.shape  # batch, new positions, channels
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each [B, T, C]
+        # [B, T, C] -> [B, T, n_head, head_dim] -> [B, n_head, T, head_dim]: each head attends on its own
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if isinstance(past, KVCache):
-            k, v = past.append(k, v)
-        elif past is not None:
-            k = torch.cat((past[0], k), dim=2)
-            v = torch.cat((past[1], v), dim=2)
-        if attn_mask is None and past is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v)  # one new token attends to the whole cache (T == 1)
+        if cache is None:
+            cache = KVCache(k, v)  # this call's keys and values, kept for a later step
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.c_proj(y), past if isinstance(past, KVCache) else (k, v)
+            k, v = cache.append(k, v)  # [B, n_head, cached + T, head_dim]
+        # Without a mask: plain causal attention over T positions, or one new token attending to the whole cache.
+        # (`hidden` passes a mask whenever several new tokens follow a cache, or the batch is left-padded.)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, n_head, T, head_dim] -> [B, T, n_head, head_dim] -> [B, T, C]
+        return self.c_proj(y), cache
 
 
 class MLP(nn.Module):
@@ -148,11 +152,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, past: Past | None, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, Past]:
-        a, present = self.attn(self.ln_1(x), past, attn_mask)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None, attn_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, KVCache]:
+        a, cache = self.attn(self.ln_1(x), cache, attn_mask)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
-        return x, present
+        return x, cache
 
 
 class GPT2(nn.Module):
@@ -187,17 +193,17 @@ class GPT2(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past: list[Past] | None = None,
-    ) -> tuple[torch.Tensor, list[Past]]:
-        """Final hidden states [B, T, C] (after ln_f) and the new per-layer KV cache.
+        past: list[KVCache] | None = None,
+    ) -> tuple[torch.Tensor, list[KVCache]]:
+        """Final hidden states [B, T, C] (after ln_f) and the per-layer KV cache.
 
         `attention_mask` ([B, T_total] bool, True = real token) is only needed for left-padded batches;
         without it attention is plain causal (right padding is harmless: padded positions come last).
-        `past`: the cache a previous call returned; `KVCache` layers are extended in place and returned as they
-        are, plain `KV` tuples are concatenated into new ones.
+        `past`: the cache a previous call returned (with room reserved for T more positions); it is extended in
+        place and returned. Without `past`, the returned cache holds this call's positions.
         """
         B, T = input_ids.shape
-        past_len = 0 if past is None else past[0][0].shape[2]
+        past_len = 0 if past is None else past[0].length
         if position_ids is None:
             if past_len + T > self.config.n_positions:  # host integers: no device sync in the hot path
                 raise ValueError(f"sequence of {past_len + T} tokens exceeds n_positions={self.config.n_positions}")
@@ -206,11 +212,11 @@ class GPT2(nn.Module):
         if attention_mask is None and past is not None and T > 1:  # several new tokens over a cache: causal with offset
             attention_mask = torch.ones(B, past_len + T, dtype=torch.bool, device=input_ids.device)
         mask = None if attention_mask is None else _attention_bias(attention_mask, T)
-        presents: list[Past] = []
+        caches = []
         for i, block in enumerate(self.h):
-            x, present = block(x, None if past is None else past[i], mask)
-            presents.append(present)
-        return self.ln_f(x), presents
+            x, cache = block(x, None if past is None else past[i], mask)
+            caches.append(cache)
+        return self.ln_f(x), caches
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied LM head: hidden @ wte^T. Called only on the positions that need logits."""
@@ -258,8 +264,4 @@ def _attention_bias(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     allowed = causal.unsqueeze(0) & key_mask.unsqueeze(1)
     allowed = allowed | (k_pos == q_pos).unsqueeze(0)
     return allowed.unsqueeze(1)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

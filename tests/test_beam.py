@@ -244,8 +244,11 @@ class MarkovLM:
 
     def hidden(self, input_ids, position_ids=None, attention_mask=None, past=None):
         ids = input_ids.float()[:, None, :, None]  # a stand-in cache that beam search must reorder correctly
-        cache = ids if past is None else torch.cat((past[0][0], ids), dim=2)
-        return torch.nn.functional.one_hot(input_ids, self.table.shape[0]).float(), [(cache, cache)]
+        if past is None:
+            past = [KVCache(ids, ids)]
+        else:
+            past[0].append(ids, ids)
+        return torch.nn.functional.one_hot(input_ids, self.table.shape[0]).float(), past
 
     def logits(self, hidden):
         return hidden @ self.table

@@ -8,7 +8,7 @@ import torch
 from steps.checkpoints import load_base_weights, read_tensors, save_hf_checkpoint
 from steps.common import InputError
 from steps.lora import LoRAConfig, mark_only_lora_trainable
-from steps.model import CARDS, GPT2, GPT2Config, KVCache
+from steps.model import CARDS, GPT2, GPT2Config
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,6 +56,8 @@ def test_kv_cache_and_left_padding_match_full_forward():
     with torch.no_grad():
         full = model(ids)
         _, past = model.hidden(ids[:, :6])
+        for layer in past:
+            layer.reserve(9)
         step = model.logits(model.hidden(ids[:, 6:], past=past)[0])
         assert torch.allclose(step, full[:, 6:], atol=1e-5)
         # Row 1 left-padded by 3: same logits for its real tokens given explicit positions and a key mask.
@@ -72,25 +74,28 @@ def test_preallocated_cache_matches_concatenation_and_follows_row_moves():
     ids = torch.randint(0, SMALL.vocab_size, (3, 10))
     with torch.no_grad():
         full = model(ids)
-        _, past = model.hidden(ids[:, :4])
-        cache = [KVCache(k, v, capacity=10) for k, v in past]
+        _, cache = model.hidden(ids[:, :4])
+        for layer in cache:
+            assert layer.capacity == 4  # the prompt's keys and values as they came, not copied
+            layer.reserve(10)
         for t in range(4, 10):  # token by token through the in-place buffers
             hidden, returned = model.hidden(ids[:, t : t + 1], past=cache)
             assert all(a is b for a, b in zip(returned, cache))
             assert torch.allclose(model.logits(hidden)[:, 0], full[:, t], atol=1e-5)
-        assert cache[0].length == 10 and cache[0][0].shape == (3, SMALL.n_head, 10, SMALL.head_dim)
+        assert cache[0].length == 10 and cache[0].cached()[0].shape == (3, SMALL.n_head, 10, SMALL.head_dim)
         with pytest.raises(ValueError, match="holds 10 positions"):
             model.hidden(ids[:, :1], past=cache)
         # Rows follow a permutation (only positions >= 4 are copied: the caller vouches the first 4 are equal)
         # and then shrink to two rows (everything is copied).
         layer = cache[1]
-        keys = layer[0].clone()
+        keys = layer.cached()[0].clone()
         shared = keys[:, :, :4].clone()
         layer.k[:, :, :4] = shared[0]  # make the promise true: every row has row 0's first 4 positions
         layer.select_rows(torch.tensor([2, 0, 1]), same_before=4)
-        assert torch.equal(layer[0][:, :, 4:], keys[[2, 0, 1], :, 4:]) and torch.equal(layer[0][:, :, :4], shared[[0, 0, 0]])
+        after = layer.cached()[0]
+        assert torch.equal(after[:, :, 4:], keys[[2, 0, 1], :, 4:]) and torch.equal(after[:, :, :4], shared[[0, 0, 0]])
         layer.select_rows(torch.tensor([1, 1]))
-        assert torch.equal(layer[0][:, :, 4:], keys[[0, 0], :, 4:]) and layer.k.shape[2] == 10
+        assert torch.equal(layer.cached()[0][:, :, 4:], keys[[0, 0], :, 4:]) and layer.k.shape[2] == 10
 
 
 def test_lora_merge_unmerge_is_exact_and_zero_init_is_identity():
