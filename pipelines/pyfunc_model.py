@@ -81,12 +81,13 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from steps.decode import load_for_inference
+        from steps.tokenizer import EOS_ID
 
         config = dict(context.model_config or {})
         base = find_base_checkpoint(config)
         self.model = load_for_inference(adapter=context.artifacts["adapter"], init_checkpoint=str(base), device=pick_device(config))
         self.decoding = {key: config[key] for key in DECODING_KEYS if key in config}
-        self.decoding["eos_token_ids"] = tuple(config.get("eos_token_ids") or (50256,))
+        self.decoding["eos_token_ids"] = tuple(config.get("eos_token_ids") or (EOS_ID,))
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         from steps.decode import generate_texts

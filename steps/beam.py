@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from steps.model import KVCache
+from steps.tokenizer import EOS_ID
 
 NEG_INF = float("-inf")
 
@@ -57,7 +58,7 @@ class BeamConfig:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 4
     repetition_penalty: float = 1.0
-    eos_token_ids: tuple[int, ...] = (50256,)
+    eos_token_ids: tuple[int, ...] = (EOS_ID,)
     early_stop: bool = True  # provably output-neutral; False reproduces the original's always-eval_len-steps loop
     pad_token_id: int = 0  # only fills the left padding, which attention never sees
 
@@ -189,7 +190,7 @@ def beam_search(model: CausalLM, queries: Sequence[Sequence[int]], cfg: BeamConf
     if not queries:
         return []
     if any(len(q) == 0 for q in queries):
-        raise ValueError("every query needs at least one token (E2E queries end with 50256)")
+        raise ValueError("every query needs at least one token (E2E queries end with <|endoftext|>)")
     device = _model_device(model)
     K, n = cfg.beam, len(queries)
     eos = torch.tensor(sorted(set(cfg.eos_token_ids)), device=device)

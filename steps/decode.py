@@ -43,8 +43,8 @@ from steps.checkpoints import (
 from steps.common import InputError, atomic_write, iter_jsonl, run_stage
 from steps.decode_text import clean_text, write_scorer_files
 from steps.model import GPT2, card
+from steps.tokenizer import EOS_ID, get_tokenizer
 
-EOS_ID = 50256
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # ----------------------------------------------------------------------------------------------- model loading
@@ -197,7 +197,7 @@ def generate_texts(
     length_penalty: float = 0.8,
     no_repeat_ngram_size: int = 4,
     repetition_penalty: float = 1.0,
-    eos_token_ids: Sequence[int] = (50256, 628),
+    eos_token_ids: Sequence[int] = (EOS_ID, 628),
     min_length: int = 0,
     eval_len: int = 64,
     seq_len: int = 512,
@@ -212,8 +212,6 @@ def generate_texts(
     Contexts are encoded like the encode stage (`add_bos` appends <|endoftext|>, the original's separator),
     deduplicated, beam-decoded, and each result is cut at <|endoftext|> and the first blank line.
     """
-    from steps.tokenizer import get_tokenizer
-
     tokenizer = get_tokenizer()
     cfg = BeamConfig(beam=beam, eval_len=eval_len, min_length=min_length, length_penalty=length_penalty,
                      no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
@@ -272,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0: off; default 4)")
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL penalty on generated tokens (1.0: off)")
     p.add_argument("--eos_token_id", type=int, action="append", default=None, help="stop token; repeatable. As in the "
-                   "original, the list always starts with 50256 and these are appended (E2E: --eos_token_id 628)")
+                   f"original, the list always starts with {EOS_ID} and these are appended (E2E: --eos_token_id 628)")
     p.add_argument("--work_dir", default=os.environ.get("PT_OUTPUT_DIR", "gpt2_model"), help="output directory "
                    "(default $PT_OUTPUT_DIR or gpt2_model)")
     p.add_argument("--output_file", default=None, help="also write the original's {'id', 'predict': [eval_len ids]} "
@@ -312,8 +310,6 @@ def run(args: argparse.Namespace) -> str:
     loaded = time.perf_counter()
     hyps = search_queries(model, queries, cfg, args.batch_size, args.precision, progress=True)
     searched = time.perf_counter() - loaded
-
-    from steps.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
     work_dir = Path(args.work_dir)

@@ -20,18 +20,18 @@ from steps.data import build_examples, collate
 from steps.decode import search_queries
 from steps.lora import LoRAConfig, mark_only_lora_trainable
 from steps.model import CARDS, GPT2
+from steps.tokenizer import EOS_ID
 from steps.train import LossModule, masked_lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
-EOS = 50256
 
 
 def random_examples(n: int, seed: int, seq_len: int = 64):
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
-        context = [rng.randrange(50000) for _ in range(rng.randint(3, 20))] + [EOS]
-        completion = [rng.randrange(50000) for _ in range(rng.randint(2, 15))] + [EOS]
+        context = [rng.randrange(50000) for _ in range(rng.randint(3, 20))] + [EOS_ID]
+        completion = [rng.randrange(50000) for _ in range(rng.randint(2, 15))] + [EOS_ID]
         pairs.append((context, completion))
     return build_examples(pairs, seq_len)
 
@@ -132,16 +132,16 @@ def test_eos_emulation_ends_every_hypothesis_and_both_modes_agree():
     torch.manual_seed(0)
     base = GPT2(CARDS["gpt2.tiny"]).eval()
     rng = random.Random(5)
-    queries = [[rng.randrange(50000) for _ in range(rng.randint(3, 9))] + [EOS] for _ in range(3)]
+    queries = [[rng.randrange(50000) for _ in range(rng.randint(3, 9))] + [EOS_ID] for _ in range(3)]
     queries = queries + queries[:2]  # repeated MRs, as in E2E
-    cfg = BeamConfig(beam=4, eval_len=9, length_penalty=0.8, eos_token_ids=(EOS, 628))
+    cfg = BeamConfig(beam=4, eval_len=9, length_penalty=0.8, eos_token_ids=(EOS_ID, 628))
     plain = search_queries(base, queries, cfg, batch_size=4, precision="fp32")
     assert all(not h.finished and len(h.tokens) == 9 for h in plain)  # why the emulation exists: a random model never stops
     model = bench_decode.StopAfter(base, 5)
     fast = search_queries(model, queries, cfg, batch_size=4, precision="fp32")
     reference = search_queries(model, queries, cfg, batch_size=1, precision="fp32", reference_mode=True)
     assert [h.tokens for h in fast] == [h.tokens for h in reference]
-    assert all(h.finished and len(h.tokens) == 5 and h.tokens[-1] == EOS for h in fast)
+    assert all(h.finished and len(h.tokens) == 5 and h.tokens[-1] == EOS_ID for h in fast)
 
 
 def test_original_step_zero_runs_the_padded_beams_and_changes_no_prediction():
@@ -162,8 +162,8 @@ def test_original_step_zero_runs_the_padded_beams_and_changes_no_prediction():
             shapes.append(("logits", tuple(hidden.shape[:-1])))
             return base.logits(hidden)
 
-    query = [[11, 22, 33, 44, EOS]]
-    cfg = BeamConfig(beam=3, eval_len=4, length_penalty=0.8, eos_token_ids=(EOS, 628))
+    query = [[11, 22, 33, 44, EOS_ID]]
+    cfg = BeamConfig(beam=3, eval_len=4, length_penalty=0.8, eos_token_ids=(EOS_ID, 628))
     original = bench_decode.OriginalStepZero(Spy(), beam=3, seq_len=40)
     got = search_queries(original, query, cfg, batch_size=1, precision="fp32", reference_mode=True)
     assert shapes[:2] == [("hidden", (3, 40)), ("logits", (3, 40))]  # K copies, padded to seq_len, LM head everywhere
@@ -178,7 +178,7 @@ def test_e2e_pairs_fall_back_to_the_generated_sample(monkeypatch, tmp_path):
     pairs, source = common.e2e_pairs("test", sample_mrs=5)
     assert source.startswith("generated sample") and len({mr for mr, _ in pairs}) == 5
     encoded = common.encode_e2e(pairs[:2])
-    assert all(context[-1] == EOS and completion[-1] == EOS for context, completion in encoded)
+    assert all(context[-1] == EOS_ID and completion[-1] == EOS_ID for context, completion in encoded)
 
 
 def test_bench_decode_tiny_run(tmp_path):

@@ -18,9 +18,7 @@ from steps.decode_text import clean_text, read_predictions, write_scorer_files
 from steps.decode_text import main as decode_text_main
 from steps.lora import LoRAConfig
 from steps.model import CARDS, GPT2, GPT2Config
-from steps.tokenizer import get_tokenizer
-
-EOS = 50256
+from steps.tokenizer import EOS_ID, get_tokenizer
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -99,7 +97,7 @@ def test_original_token_id_samples_decode_like_ours(tmp_path):
     eval_len = 20
     original, ours = [], []
     for i, text in texts.items():
-        ids = tok.encode(text) + [EOS]
+        ids = tok.encode(text) + [EOS_ID]
         original.append({"id": i, "predict": ids + [0] * (eval_len - len(ids))})  # trailing zeros, as the original
         ours.append({"id": i, "context": FORMATTED[i]["context"], "prediction": text.strip()})
     ours[1]["prediction"] = "stale"
@@ -220,7 +218,7 @@ def trained(tmp_path_factory):
         for name, p in base.named_parameters():
             if not (name.endswith("bias") or "ln_" in name):
                 p.normal_(0, 0.2)
-        base.wte.weight[[EOS, 628]] = 0  # near-uniform eos: a random model would otherwise stop at once (empty text)
+        base.wte.weight[[EOS_ID, 628]] = 0  # near-uniform eos: a random model would otherwise stop at once (empty text)
     save_hf_checkpoint(base, root / "base.safetensors")
     model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32))
     model.load_state_dict(base.state_dict(), strict=False)
@@ -236,8 +234,8 @@ def trained(tmp_path_factory):
         ("name : Blue Spice | Type : coffee shop", "Blue Spice serves coffee ."),
     ]]
     write_jsonl(root / "test_formatted.jsonl", rows)
-    write_jsonl(root / "test.jsonl", [{"context": tok.encode(r["context"]) + [EOS],
-                                      "completion": tok.encode(" " + r["completion"]) + [EOS]} for r in rows])
+    write_jsonl(root / "test.jsonl", [{"context": tok.encode(r["context"]) + [EOS_ID],
+                                      "completion": tok.encode(" " + r["completion"]) + [EOS_ID]} for r in rows])
     return root, model
 
 
@@ -262,7 +260,7 @@ def test_decode_cli_end_to_end(trained, tmp_path):
     assert preds[0]["prediction"] and preds[2]["prediction"] and preds[0]["prediction"] != preds[2]["prediction"]
     # The same search in-process with the unmerged LoRA model: the CLI loaded base + adapter and merged correctly.
     expected = decode.generate_texts(lora_model.eval(), [p["context"] for p in preds], beam=3, eval_len=8,
-                                     length_penalty=0.8, eos_token_ids=(EOS, 628))
+                                     length_penalty=0.8, eos_token_ids=(EOS_ID, 628))
     assert [p["prediction"] for p in preds] == expected
     # Scorer files: 2 groups; and the original-format file decodes to the same predictions.
     refs = (out / "refs.txt").read_text()
@@ -278,7 +276,7 @@ def test_adapter_is_applied_and_base_mismatch_refused(trained, tmp_path):
     root, lora_model = trained
     merged = decode.load_for_inference(root / "adapter", root / "base.safetensors")
     plain = decode.load_for_inference(None, root / "base.safetensors", model_card="gpt2.tiny")
-    ids = torch.tensor([[1, 2, 3, EOS]])
+    ids = torch.tensor([[1, 2, 3, EOS_ID]])
     with torch.no_grad():
         assert torch.allclose(merged(ids), lora_model.eval()(ids), atol=1e-4)
         assert not torch.allclose(merged(ids), plain(ids), atol=1e-2)
@@ -299,7 +297,7 @@ def test_original_format_lora_checkpoints(trained, tmp_path):
     root, lora_model = trained
     lora = {f"module.transformer.{k}": v for k, v in lora_model.state_dict().items() if "lora_" in k}
     torch.save(lora, tmp_path / "model.5.pt")
-    ids = torch.tensor([[5, 6, 7, EOS]])
+    ids = torch.tensor([[5, 6, 7, EOS_ID]])
     with torch.no_grad():
         expected = lora_model.eval()(ids)
         got = decode.load_for_inference(tmp_path / "model.5.pt", root / "base.safetensors", lora_alpha=32)(ids)
