@@ -212,8 +212,9 @@ class ReferenceLossModule(nn.Module):
         return (loss * mask).sum(), (nll * mask).sum()
 
 
-def trainer_args(encoded: Path, settings: dict[str, Any], variant: str, work_dir: str) -> argparse.Namespace:
-    from steps.train import parse_args, resolve_precision
+def trainer_args(encoded: Path, settings: dict[str, Any], variant: str, work_dir: str):
+    from steps.distributed import resolve_precision
+    from steps.train_config import parse_config
 
     precision, pad, bucket_window = TRAINER_VARIANTS[variant]
     precision = resolve_precision(precision, torch.device(settings["device"]))  # as steps.train.main does
@@ -223,11 +224,12 @@ def trainer_args(encoded: Path, settings: dict[str, Any], variant: str, work_dir
             "--device", settings["device_type"], "--scheduler", "linear", "--log_interval", "1000000", "--eval_interval", "1000000"]
     for key, value in RECIPE.items():
         argv += [f"--{key}", str(value)]
-    return parse_args(argv)
+    return parse_config(argv)
 
 
 def make_trainer(settings: dict[str, Any], variant: str, work_dir: str):
-    from steps.train import Dist, Trainer
+    from steps.distributed import Dist
+    from steps.train import Trainer
 
     args = trainer_args(Path(settings["encoded"]), settings, variant, work_dir)
     return Trainer(args, Dist(0, 1, torch.device(settings["device"])))
@@ -248,16 +250,16 @@ def run_trainer_variant(variant: str, settings: dict[str, Any], plan: list[list[
     if [u[0] for u in trainer.epoch_plan(1)[: len(plan)]] != plan[: trainer.updates_per_epoch]:
         raise RuntimeError("the trainer's update plan differs from the benchmark's: the variants would not see the same data")
     if variant == "reference":
-        trainer.loss_module = ReferenceLossModule(trainer.model, trainer.args.label_smooth)
+        trainer.loss_module = ReferenceLossModule(trainer.model, trainer.cfg.label_smooth)
     trainer.loss_module.train()
     first = trainer.next_update_batches()
-    parity = first_batch_loss(trainer.loss_module, first[0]) if trainer.args.precision == "fp32" else None
+    parity = first_batch_loss(trainer.loss_module, first[0]) if trainer.cfg.precision == "fp32" else None
     trainer.update_in_epoch = 0  # replay the plan from its first update
     warmup, timed = settings["warmup"], settings["updates"]
     times = time_updates(lambda: trainer.train_update(trainer.next_update_batches()), warmup, timed, trainer.env.device)
     meter = trainer.meter
     return {"times": times, "mean_loss": (meter["loss"] / meter["tokens"]).item(), "parity_nll": parity,
-            "trainable_params": sum(p.numel() for p in trainer.trainable), "precision": trainer.args.precision}
+            "trainable_params": sum(p.numel() for p in trainer.trainable), "precision": trainer.cfg.precision}
 
 
 # ---------------------------------------------------------------------------------------------- the CUDA-graph prototype

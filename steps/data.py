@@ -1,8 +1,8 @@
 """Encoded JSONL -> training examples and batches, with the original FT_Dataset's semantics.
 
 An example is the token sequence `context + completion` with, at every position t, the target token t+1 and a
-loss-mask bit (REFERENCE 3.3). Batches are padded to their own longest sequence, not to --seq_len (Q5); the
-`fixed` pad mode reproduces the reference's padding for comparisons. Each process of a distributed run takes
+loss-mask bit. Batches are padded to their own longest sequence, not to --seq_len as the original did; the
+`fixed` pad mode keeps the original's padding for comparisons. Each process of a distributed run takes
 its own slice of a seeded per-epoch permutation, exactly as torch's DistributedSampler would.
 """
 
@@ -16,7 +16,9 @@ import torch
 
 from steps.common import InputError, iter_jsonl
 
-EOS = 50256
+MicroBatch = list[int]  # indices into the training examples
+Update = list[MicroBatch]  # the grad_acc micro-batches of one optimizer update, for one rank
+EpochPlan = list[Update]  # one rank's updates for one epoch, in order
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,10 @@ def load_encoded(path: str | os.PathLike, vocab_size: int = 50257) -> list[tuple
 
 
 def build_example(context: list[int], completion: list[int], seq_len: int, obj: str = "clm", truncation: str = "fix") -> Example:
-    """input/target/mask for one pair, unpadded (REFERENCE 3.3, prefix/infix lengths 0).
+    """input/target/mask for one pair, unpadded (the original's layout with no prefix/infix tokens).
 
     `clm` trains only the completion targets (the final EOS included); `jlm` every next token.
-    Truncation when the pair is longer than seq_len: `fix` (Q7) drops context tokens from the left so every
+    Truncation when the pair is longer than seq_len: `fix` drops context tokens from the left so every
     completion target is still trained; `reference` keeps the first seq_len tokens as the original did, which
     loses the last target and, when the context alone fills seq_len, the whole example.
     """
@@ -95,12 +97,12 @@ def collate(examples: list[Example], pad_to: int | None = None) -> dict[str, tor
 def epoch_updates(
     lengths: list[int], batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
     grad_acc: int = 1, bucket_window: int = 0,
-) -> list[list[list[int]]]:
+) -> EpochPlan:
     """This rank's work for one epoch: a list of updates, each a list of `grad_acc` micro-batches of indices.
 
     The order is torch's `randperm` seeded with seed + epoch, and rank r takes every world-th index of each
     round, exactly as DistributedSampler. Instead of the original's random fill from a private RNG whose state
-    drifts (Q6), the last partial update is filled with indices drawn from the same seeded generator, so the
+    drifts from run to run, the last partial update is filled with indices drawn from the same seeded generator, so the
     order depends only on (seed, epoch) and a resumed run sees exactly the same batches.
 
     With `bucket_window` > 0, each window of that many examples is sorted by length before being cut into
@@ -130,7 +132,8 @@ def epoch_updates(
 
 
 def shard_sequential(n_examples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
-    """Validation batches: contiguous shards, no duplicates, no padding examples (Q8); the last batch may be short."""
+    """Validation batches: contiguous shards, no duplicates, no padding examples (the original's sampler repeated
+    examples to fill the last round); the last batch may be short."""
     per_rank = math.ceil(n_examples / world_size)
     indices = list(range(rank * per_rank, min(n_examples, (rank + 1) * per_rank)))
     return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]

@@ -167,12 +167,12 @@ def test_experiment_reruns_only_what_depends_on_the_parameter(first_repro, proje
 def test_e2e_profile_is_a_drop_in_params_file_with_the_paper_recipe():
     """params/e2e-gpt2-md.yaml replaces params.yaml (same sections and keys) and holds REFERENCE.md 13.3."""
     from pipelines.finetune import trainer_argv
-    from steps.train import parse_args
+    from steps.train_config import parse_config
 
     default = yaml.safe_load((REPO / "params.yaml").read_text())
     profile = yaml.safe_load((REPO / "params/e2e-gpt2-md.yaml").read_text())
     assert {k: sorted(v) for k, v in profile.items()} == {k: sorted(v) for k, v in default.items()}
-    args = parse_args(trainer_argv(profile["finetune"]))
+    args = parse_config(trainer_argv(profile["finetune"]))
     recipe = {"model_card": "gpt2.md", "train_batch_size": 8, "grad_acc": 1, "seq_len": 512, "lr": 2e-4, "scheduler": "linear",
               "warmup_step": 500, "max_epoch": 5, "max_step": None, "correct_bias": True, "adam_beta1": 0.9, "adam_beta2": 0.999,
               "adam_epislon": 1e-6, "weight_decay": 0.01, "clip": 0.0, "lora_dim": 4, "lora_alpha": 32, "lora_dropout": 0.1,
@@ -188,7 +188,7 @@ def test_default_params_drive_every_stage_command():
     import re
 
     from pipelines.finetune import trainer_argv
-    from steps.train import parse_args
+    from steps.train_config import parse_config
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     stages = json.dumps(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])  # without the comments
@@ -197,7 +197,7 @@ def test_default_params_drive_every_stage_command():
         for part in ref.split("."):
             assert isinstance(node, dict) and part in node, f"dvc.yaml uses ${{{ref}}} but params.yaml lacks it"
             node = node[part]
-    parse_args(trainer_argv(params["finetune"]))  # raises SystemExit on an unknown flag
+    parse_config(trainer_argv(params["finetune"]))  # raises SystemExit on an unknown flag
 
 
 @pytest.mark.parametrize("dataset, ref_file, no_meteor", [("e2e", "outputs/refs.txt", False), ("webnlg", "outputs/refs", True)])

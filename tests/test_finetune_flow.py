@@ -338,14 +338,14 @@ def test_mlflow_server_answers_rest_calls_about_the_run(mlflow_server, first_run
 
 def test_trainer_flags_follow_the_params_section():
     from pipelines.finetune import trainer_argv
-    from steps.train import parse_args
+    from steps.train_config import parse_config
 
     section = {"train_data": "t.jsonl", "valid_data": "v.jsonl", "lr": 0.0002, "correct_bias": True, "no_decay_bias": False,
                "max_epoch": None, "max_step": 7, "lora_targets": ["q", "v"], "adam_epislon": 1e-06}
     argv = trainer_argv(section)
     assert argv == ["--train_data", "t.jsonl", "--valid_data", "v.jsonl", "--lr", "0.0002", "--correct_bias", "--max_step", "7",
                     "--lora_targets", "q,v", "--adam_epislon", "1e-06"]
-    parsed = parse_args(argv)  # the trainer's own parser is the reference
+    parsed = parse_config(argv)  # the trainer's own parser is the reference
     assert (parsed.lr, parsed.correct_bias, parsed.no_decay_bias, parsed.max_epoch, parsed.max_step) == (0.0002, True, False, None, 7)
 
 
