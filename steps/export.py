@@ -189,7 +189,7 @@ def read_peft_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     layers = _peft_layers(raw, weights_path)
     n_embd = next(iter(layers.values()))[0].shape[1]
     ours = _metadata_config(metadata)
-    if ours and ours["n_embd"] != n_embd:
+    if ours and (ours["n_embd"] != n_embd or ours["model_card"] not in CARDS):
         ours = None  # not the file our export wrote: read the tensors alone
     model_card = ours["model_card"] if ours else _card_for(n_embd, weights_path)
     n_layer = ours["n_layer"] if ours else CARDS[model_card].n_layer
@@ -210,7 +210,7 @@ def read_peft_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     config = {
         "format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "model_card": model_card,
         "n_embd": n_embd, "n_layer": n_layer, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size,
-        # alpha / r must equal PEFT's lora_alpha / denominator; with r == rank this keeps lora_alpha as it is
+        # alpha / r must equal PEFT's lora_alpha / denominator; for plain LoRA with r == rank, alpha = lora_alpha
         "r": r, "alpha": lora_alpha * r / denominator, "targets": list(targets), "dropout": float(peft_cfg.get("lora_dropout") or 0.0),
         "base": _peft_base(peft_cfg.get("base_model_name_or_path")), "step": None,
         "trainable_params": sum(t.numel() for t in tensors.values()),
