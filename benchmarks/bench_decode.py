@@ -6,8 +6,8 @@ The README's settings: beam 10, length penalty 0.8, no-repeat 4-grams, repetitio
   ours       steps.decode.search_queries at the project's defaults: one search per unique MR (4,693 lines,
              630 MRs), MRs sorted by length and decoded --batch_size at a time on a preallocated KV cache, a search
              ends as soon as nothing can beat its best finished hypothesis; bf16 autocast on a GPU, fp32 on the CPU
-  reference  search_queries(reference_mode=True): the original's schedule, every line searched on its own at
-             batch 1, always eval_len steps, nothing shared between lines; fp32 (the "schedule" columns)
+  reference  `reference_search`: the original's schedule, every line searched on its own at batch 1, always
+             eval_len steps, nothing shared between lines; fp32 (the "schedule" columns)
   original   the same plus the original design's step 0 (REFERENCE Q28), the "original design" columns: the query
              right-padded to seq_len (512), repeated for each of the K beams and run in full, with the LM head on
              every one of those K x 512 positions (on a CPU that alone costs more than the rest of the search).
@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from benchmarks import common
 from steps.beam import BeamConfig, Hypothesis
@@ -55,6 +58,7 @@ from steps.common import InputError
 from steps.decode import make_query, search_queries
 from steps.model import CARDS, GPT2, KVCache, card
 
+Search = Callable[[nn.Module, list[list[int]], BeamConfig], list[Hypothesis]]  # queries -> best hypothesis per query
 EOS_BIAS = 50.0  # added to the eos logit once a hypothesis reaches --stop_after tokens: eos then wins every beam
 
 
@@ -111,6 +115,14 @@ class OriginalStepZero(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)
+
+
+def reference_search(model: nn.Module, queries: list[list[int]], cfg: BeamConfig, progress: bool = False) -> list[Hypothesis]:
+    """The original's schedule: every line searched on its own (batch 1; a repeated MR is searched again), always
+    all eval_len steps, in fp32. The same hypotheses as `search_queries`, only slower."""
+    cfg = dataclasses.replace(cfg, early_stop=False)
+    lines = tqdm(queries, unit="line", desc="reference", disable=not progress, dynamic_ncols=True)
+    return [search_queries(model, [query], cfg, batch_size=1, precision="fp32")[0] for query in lines]
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -185,13 +197,13 @@ def stop_settings(text: str, mean_ref_tokens: float, eval_len: int) -> list[int]
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def timed_search(model: nn.Module, queries: list[list[int]], cfg: BeamConfig, batch_size: int, precision: str,
-                 reference: bool, device: torch.device) -> tuple[list[Hypothesis], float]:
-    """Hypotheses and wall seconds; one query is searched first, untimed, so one-time set-up costs stay out."""
-    search_queries(model, queries[:1], dataclasses.replace(cfg, eval_len=2), 1, precision, reference)
+def timed_search(search: Search, model: nn.Module, queries: list[list[int]], cfg: BeamConfig,
+                 device: torch.device) -> tuple[list[Hypothesis], float]:
+    """`search`'s hypotheses and wall seconds; one query is searched first, untimed, so one-time set-up costs stay out."""
+    search(model, queries[:1], dataclasses.replace(cfg, eval_len=2))
     common.sync(device)
     started = time.perf_counter()
-    hyps = search_queries(model, queries, cfg, batch_size, precision, reference, progress=True)
+    hyps = search(model, queries, cfg)
     common.sync(device)
     return hyps, time.perf_counter() - started
 
@@ -206,7 +218,8 @@ def time_reference(model: nn.Module, queries: list[list[int]], count: int, cfg: 
                    device: torch.device) -> tuple[list[int], list[Hypothesis], float]:
     """The reference schedule on `count` lines spread over the run: their indices, hypotheses and seconds per line."""
     picked = spread(queries, count)
-    hyps, seconds = timed_search(model, [queries[i] for i in picked], cfg, 1, "fp32", True, device)
+    reference = functools.partial(reference_search, progress=True)
+    hyps, seconds = timed_search(reference, model, [queries[i] for i in picked], cfg, device)
     return picked, hyps, seconds / len(picked)
 
 
@@ -227,7 +240,8 @@ def run_setting(base: GPT2, stop_after: int, queries: list[list[int]], precision
     n_mrs = len(set(map(tuple, queries)))
     rows = []
     for precision in precisions:
-        ours, ours_s = timed_search(model, queries, cfg, args.batch_size, precision, False, device)
+        ours_search = functools.partial(search_queries, batch_size=args.batch_size, precision=precision, progress=True)
+        ours, ours_s = timed_search(ours_search, model, queries, cfg, device)
         rows.append({
             "stop_after": stop_after, "precision": precision, "lines": len(queries), "mrs": n_mrs,
             "ours_s": ours_s, "ours_mrs_per_s": n_mrs / ours_s, "ours_lines_per_s": len(queries) / ours_s,

@@ -27,8 +27,8 @@ import pandas as pd
 
 BASE_ENV = "LORA_NLG_BASE_CHECKPOINT"
 INPUT_COLUMNS = ("meaning_representation", "context")
-DECODING_KEYS = ("beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "min_length", "eval_len", "seq_len",
-                 "batch_size", "add_bos")
+# The decoding settings besides the search's own (those build a steps.beam.BeamConfig).
+QUERY_KEYS = ("seq_len", "batch_size", "add_bos")
 
 
 def find_base_checkpoint(config: dict[str, Any]) -> Path:
@@ -80,21 +80,21 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
     """GPT-2 + LoRA adapter that turns meaning representations into text with batched beam search."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from steps.beam import BeamConfig
         from steps.decode import load_for_inference
-        from steps.tokenizer import EOS_ID
 
         config = dict(context.model_config or {})
         base = find_base_checkpoint(config)
         self.model = load_for_inference(adapter=context.artifacts["adapter"], init_checkpoint=str(base), device=pick_device(config))
-        self.decoding = {key: config[key] for key in DECODING_KEYS if key in config}
-        self.decoding["eos_token_ids"] = tuple(config.get("eos_token_ids") or (EOS_ID,))
+        self.search = BeamConfig.from_mapping(config)
+        self.query_options = {key: config[key] for key in QUERY_KEYS if key in config}
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         from steps.decode import generate_texts
 
         texts = contexts_from(model_input)
         unique = list(dict.fromkeys(texts))  # E2E test sets repeat each MR many times
-        generated = dict(zip(unique, generate_texts(self.model, unique, **self.decoding)))
+        generated = dict(zip(unique, generate_texts(self.model, unique, self.search, **self.query_options)))
         return [generated[text] for text in texts]
 
 

@@ -21,9 +21,10 @@ This module is plain PyTorch: the model is anything with `hidden(...)` and `logi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,12 @@ class CausalLM(Protocol):
 
 @dataclass(frozen=True)
 class BeamConfig:
-    """Search settings; the defaults are gpt2_beam.py's except `eos_token_ids`, which lists every stop id."""
+    """What defines a search's result, with the original gpt2_beam.py's defaults.
+
+    This is the one home of the decoding defaults: the decode CLI reads its defaults from these fields, and
+    every other caller builds a BeamConfig (the pipeline's values live in params.yaml). `eos_token_ids` lists
+    every stop id; the original's `--eos_token_id` appended to a list that starts with <|endoftext|>.
+    """
 
     beam: int = 1
     eval_len: int = 256
@@ -63,12 +69,19 @@ class BeamConfig:
     pad_token_id: int = 0  # only fills the left padding, which attention never sees
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))  # a JSON list becomes a tuple
         if self.beam < 1 or self.eval_len < 1:
             raise ValueError(f"beam and eval_len must be >= 1 (got beam={self.beam}, eval_len={self.eval_len})")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
         if not self.eos_token_ids:
             raise ValueError("eos_token_ids must name at least one token")
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> BeamConfig:
+        """The fields that `settings` names (parsed arguments, a model config); other keys are ignored."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in settings.items() if key in names})
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -40,12 +39,17 @@ from steps.checkpoints import (
     read_tensors,
     sha256_file,
 )
-from steps.common import InputError, atomic_write, iter_jsonl, run_stage
+from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, run_stage
 from steps.decode_text import clean_text, write_scorer_files
 from steps.model import GPT2, card
 from steps.tokenizer import EOS_ID, get_tokenizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Unique queries searched together: the original gpt2_beam.py's --batch_size. Not a BeamConfig field, because it
+# changes only how many searches share a forward pass (speed and memory), never a result: a batched search returns
+# what one query at a time does (tests/test_beam.py checks that). BeamConfig holds what defines the outputs.
+DEFAULT_BATCH_SIZE = 10
 
 # ----------------------------------------------------------------------------------------------- model loading
 
@@ -157,55 +161,38 @@ def search_queries(
     model: GPT2,
     queries: Sequence[Sequence[int]],
     cfg: BeamConfig,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     precision: str = "auto",
-    reference_mode: bool = False,
     progress: bool = False,
 ) -> list[Hypothesis]:
     """Best hypothesis per query, in input order.
 
-    Default: one search per unique query, unique queries sorted by length (little padding) and decoded
-    `batch_size` at a time. `reference_mode`: the original's schedule (every line on its own, batch 1, all
-    eval_len steps), kept for benchmarks; it gives the same outputs, only slower.
+    One search per unique query; unique queries are sorted by length (little padding) and decoded `batch_size`
+    at a time.
     """
     if batch_size < 1:
         raise InputError(f"--batch_size must be >= 1 (got {batch_size})")
     device = next(model.parameters()).device
-    if reference_mode:
-        cfg = dataclasses.replace(cfg, early_stop=False)
-        unique, batch_size = [tuple(q) for q in queries], 1
-    else:
-        unique = sorted(dict.fromkeys(tuple(q) for q in queries), key=len, reverse=True)  # longest first: OOM shows early
+    unique = sorted(dict.fromkeys(tuple(q) for q in queries), key=len, reverse=True)  # longest first: OOM shows early
     found: dict[tuple[int, ...], Hypothesis] = {}
-    results: list[Hypothesis] = []
     bar = tqdm(total=len(unique), unit="MR", desc="decode", disable=not progress, dynamic_ncols=True)
     with torch.inference_mode(), _autocast(device, precision), bar:
         for batch in _batches(unique, batch_size):
-            hyps = beam_search(model, batch, cfg)
-            if reference_mode:
-                results.extend(hyps)
-            found.update(zip(batch, hyps))
+            found.update(zip(batch, beam_search(model, batch, cfg)))
             bar.update(len(batch))
-    return results if reference_mode else [found[tuple(q)] for q in queries]
+    return [found[tuple(q)] for q in queries]
 
 
 def generate_texts(
     model: GPT2,
     contexts: list[str],
+    cfg: BeamConfig,
     *,
-    beam: int = 10,
-    length_penalty: float = 0.8,
-    no_repeat_ngram_size: int = 4,
-    repetition_penalty: float = 1.0,
-    eos_token_ids: Sequence[int] = (EOS_ID, 628),
-    min_length: int = 0,
-    eval_len: int = 64,
-    seq_len: int = 512,
-    batch_size: int = 16,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     add_bos: bool = True,
     progress: bool = False,
     precision: str = "auto",
-    reference_mode: bool = False,
 ) -> list[str]:
     """Texts in, generated texts out (the MLflow pyfunc model calls this): one per context, cut and stripped.
 
@@ -213,13 +200,11 @@ def generate_texts(
     deduplicated, beam-decoded, and each result is cut at <|endoftext|> and the first blank line.
     """
     tokenizer = get_tokenizer()
-    cfg = BeamConfig(beam=beam, eval_len=eval_len, min_length=min_length, length_penalty=length_penalty,
-                     no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-                     eos_token_ids=tuple(eos_token_ids))
-    queries = [make_query(ids + [EOS_ID] if add_bos else ids, seq_len, eval_len) for ids in tokenizer.encode_batch(list(contexts))]
+    encoded = tokenizer.encode_batch(list(contexts))
+    queries = [make_query(ids + [EOS_ID] if add_bos else ids, seq_len, cfg.eval_len) for ids in encoded]
     if any(not q for q in queries):
         raise InputError("an empty context with add_bos=False leaves nothing to condition on")
-    hyps = search_queries(model, queries, cfg, batch_size, precision, reference_mode, progress)
+    hyps = search_queries(model, queries, cfg, batch_size, precision, progress)
     return [clean_text(tokenizer.decode(h.tokens)) for h in hyps]
 
 
@@ -241,17 +226,21 @@ def read_contexts(path: str | os.PathLike, vocab_size: int) -> list[list[int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    search = BeamConfig()  # the search options' defaults
     p = argparse.ArgumentParser(
         description="Beam-decode an encoded test set with base weights + a LoRA adapter and write predictions "
         "(and, with --input_file, the scorer's reference/prediction files). Names follow the original gpt2_beam.py.",
     )
     p.add_argument("--data", required=True, help="encoded JSONL to decode ({'context': [ids], ...}, from steps.encode)")
-    p.add_argument("--batch_size", type=int, default=10, help="unique queries decoded together (default 10; each "
-                   "holds --beam rows; the original's README used 1 because of its batching bug)")
-    p.add_argument("--seq_len", type=int, default=512, help="the query keeps the last seq_len - eval_len context ids "
-                   "(default 512)")
-    p.add_argument("--eval_len", type=int, default=256, help="maximum generated tokens (default 256; the README uses 64)")
-    p.add_argument("--min_length", type=int, default=0, help="forbid the eos ids before this many tokens (default 0)")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="unique queries decoded together "
+                   "(default %(default)s; each holds --beam rows; the original's README used 1 because of its batching "
+                   "bug)")
+    p.add_argument("--seq_len", type=int, default=DEFAULT_SEQ_LEN, help="the query keeps the last seq_len - eval_len "
+                   "context ids (default %(default)s)")
+    p.add_argument("--eval_len", type=int, default=search.eval_len, help="maximum generated tokens (default "
+                   "%(default)s; the README uses 64)")
+    p.add_argument("--min_length", type=int, default=search.min_length, help="forbid the eos ids before this many "
+                   "tokens (default %(default)s)")
     p.add_argument("--model_card", default=None, help="gpt2.sm/md/lg/tiny; read from the adapter config, needed only "
                    "without an adapter (then default gpt2.sm, the original's)")
     p.add_argument("--init_checkpoint", default=None, help="base GPT-2 weights (model.safetensors or pytorch_model.bin); "
@@ -263,14 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
                    ".pt adapters do not record it: give it then (the README used 32; the original's default was 128)")
     p.add_argument("--ignore_base_mismatch", action="store_true", help="decode even if --init_checkpoint's sha256 "
                    "differs from the base the adapter was trained on")
-    p.add_argument("--beam", type=int, default=1, help="beam width K (default 1; the README uses 10)")
-    p.add_argument("--length_penalty", type=float, default=1.0, help="score = sum log p / len**length_penalty, len "
-                   "counting the eos (default 1.0; README 0.8)")
-    p.add_argument("--no_repeat_ngram_size", type=int, default=4, help="ban repeating n-grams of generated tokens "
-                   "(0: off; default 4)")
-    p.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL penalty on generated tokens (1.0: off)")
+    p.add_argument("--beam", type=int, default=search.beam, help="beam width K (default %(default)s; the README uses "
+                   "10)")
+    p.add_argument("--length_penalty", type=float, default=search.length_penalty, help="score = sum log p / "
+                   "len**length_penalty, len counting the eos (default %(default)s; README 0.8)")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=search.no_repeat_ngram_size, help="ban repeating "
+                   "n-grams of generated tokens (0: off; default %(default)s)")
+    p.add_argument("--repetition_penalty", type=float, default=search.repetition_penalty, help="CTRL penalty on "
+                   "generated tokens (1.0: off; default %(default)s)")
     p.add_argument("--eos_token_id", type=int, action="append", default=None, help="stop token; repeatable. As in the "
-                   f"original, the list always starts with {EOS_ID} and these are appended (E2E: --eos_token_id 628)")
+                   f"original, the list always starts with {', '.join(map(str, search.eos_token_ids))} and these are appended (E2E: "
+                   "--eos_token_id 628)")
     p.add_argument("--work_dir", default=os.environ.get("PT_OUTPUT_DIR", "gpt2_model"), help="output directory "
                    "(default $PT_OUTPUT_DIR or gpt2_model)")
     p.add_argument("--output_file", default=None, help="also write the original's {'id', 'predict': [eval_len ids]} "
@@ -292,10 +284,8 @@ def run(args: argparse.Namespace) -> str:
     """The stage; returns the summary line."""
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    eos_ids = tuple(dict.fromkeys([EOS_ID, *(args.eos_token_id or [])]))
-    cfg = BeamConfig(beam=args.beam, eval_len=args.eval_len, min_length=args.min_length,
-                     length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                     repetition_penalty=args.repetition_penalty, eos_token_ids=eos_ids)
+    eos_ids = tuple(dict.fromkeys([*BeamConfig().eos_token_ids, *(args.eos_token_id or [])]))
+    cfg = BeamConfig.from_mapping({**vars(args), "eos_token_ids": eos_ids})
     model = load_for_inference(args.adapter, args.init_checkpoint, device, args.model_card, args.lora_dim,
                                args.lora_alpha, args.ignore_base_mismatch)
     if max(eos_ids) >= model.config.vocab_size:

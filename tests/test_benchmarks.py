@@ -139,7 +139,7 @@ def test_eos_emulation_ends_every_hypothesis_and_both_modes_agree():
     assert all(not h.finished and len(h.tokens) == 9 for h in plain)  # why the emulation exists: a random model never stops
     model = bench_decode.StopAfter(base, 5)
     fast = search_queries(model, queries, cfg, batch_size=4, precision="fp32")
-    reference = search_queries(model, queries, cfg, batch_size=1, precision="fp32", reference_mode=True)
+    reference = bench_decode.reference_search(model, queries, cfg)
     assert [h.tokens for h in fast] == [h.tokens for h in reference]
     assert all(h.finished and len(h.tokens) == 5 and h.tokens[-1] == EOS_ID for h in fast)
 
@@ -165,10 +165,10 @@ def test_original_step_zero_runs_the_padded_beams_and_changes_no_prediction():
     query = [[11, 22, 33, 44, EOS_ID]]
     cfg = BeamConfig(beam=3, eval_len=4, length_penalty=0.8, eos_token_ids=(EOS_ID, 628))
     original = bench_decode.OriginalStepZero(Spy(), beam=3, seq_len=40)
-    got = search_queries(original, query, cfg, batch_size=1, precision="fp32", reference_mode=True)
+    got = bench_decode.reference_search(original, query, cfg)
     assert shapes[:2] == [("hidden", (3, 40)), ("logits", (3, 40))]  # K copies, padded to seq_len, LM head everywhere
     assert ("hidden", (3, 1)) in shapes  # then ordinary one-token steps
-    plain = search_queries(base, query, cfg, batch_size=1, precision="fp32", reference_mode=True)
+    plain = bench_decode.reference_search(base, query, cfg)
     assert [h.tokens for h in got] == [h.tokens for h in plain]
     assert got[0].score == pytest.approx(plain[0].score, abs=1e-5)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import steps.decode as decode
+from benchmarks.bench_decode import reference_search
 from steps.beam import BeamConfig, beam_search
 from steps.checkpoints import adapter_config, base_identity, read_tensors, save_adapter, save_hf_checkpoint
 from steps.common import InputError
@@ -173,7 +174,7 @@ def test_one_search_per_unique_query_broadcast_to_every_line(monkeypatch):
     assert sorted(searched) == sorted({tuple(q) for q in lines}) and len(searched) == 4
     assert [len(q) for q in searched] == sorted((len(q) for q in searched), reverse=True)  # longest first
     searched.clear()
-    reference = decode.search_queries(model, lines, cfg, reference_mode=True)  # every line, batch 1, no early stop
+    reference = reference_search(model, lines, cfg)  # every line, batch 1, no early stop
     assert len(searched) == len(lines)
     assert [h.tokens for h in fast] == [h.tokens for h in reference]
     assert fast[0] is fast[2] is fast[5] and fast[1] is fast[4]
@@ -200,7 +201,8 @@ def test_generate_texts_dedupes_and_cuts():
     torch.manual_seed(0)
     model = GPT2(CARDS["gpt2.tiny"]).eval()
     contexts = ["name : Blue Spice | Type : pub", "name : Zizzi", "name : Blue Spice | Type : pub"]
-    out = decode.generate_texts(model, contexts, beam=2, eval_len=4, batch_size=2)
+    cfg = BeamConfig(beam=2, eval_len=4, length_penalty=0.8, eos_token_ids=(EOS_ID, 628))
+    out = decode.generate_texts(model, contexts, cfg, batch_size=2)
     assert len(out) == 3 and out[0] == out[2]
     assert all("<|endoftext|>" not in t and "\n\n" not in t and t == t.strip() for t in out)
 
@@ -259,8 +261,8 @@ def test_decode_cli_end_to_end(trained, tmp_path):
     assert preds[0]["prediction"] == preds[1]["prediction"] == preds[3]["prediction"]
     assert preds[0]["prediction"] and preds[2]["prediction"] and preds[0]["prediction"] != preds[2]["prediction"]
     # The same search in-process with the unmerged LoRA model: the CLI loaded base + adapter and merged correctly.
-    expected = decode.generate_texts(lora_model.eval(), [p["context"] for p in preds], beam=3, eval_len=8,
-                                     length_penalty=0.8, eos_token_ids=(EOS_ID, 628))
+    cfg = BeamConfig(beam=3, eval_len=8, length_penalty=0.8, eos_token_ids=(EOS_ID, 628))
+    expected = decode.generate_texts(lora_model.eval(), [p["context"] for p in preds], cfg)
     assert [p["prediction"] for p in preds] == expected
     # Scorer files: 2 groups; and the original-format file decodes to the same predictions.
     refs = (out / "refs.txt").read_text()
