@@ -23,7 +23,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steps.common import InputError, atomic_write, iter_jsonl
+from steps.common import InputError, atomic_write, iter_jsonl, run_stage
 
 EOS_TEXT = "<|endoftext|>"
 REF_TYPES = ("e2e", "webnlg", "dart")
@@ -212,7 +212,7 @@ def write_scorer_files(
     return len(groups), sum(len(g) for g in groups)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Turn beam-search predictions into the reference/prediction files the E2E and GenerationEval scorers "
         "read (the original gpt2_decode.py's options and layouts).",
@@ -235,24 +235,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lower", action="store_true", help="lower-case references and predictions")
     parser.add_argument("--filter", default="all", choices=FILTERS, help='keep all lines, or only WebNLG lines whose '
                         '"cate" is true (seen) / false (unseen)')
-    args = parser.parse_args(argv)
-    try:
-        tokenizer = None
-        if args.vocab is not None:
-            from steps.tokenizer import get_tokenizer
+    return parser
 
-            tokenizer = get_tokenizer(args.vocab)
-        predictions = read_predictions(args.sample_file, tokenizer)
-        n_groups, n_refs = write_scorer_files(
-            args.input_file, predictions, args.output_ref_file, args.output_pred_file, args.ref_type, args.ref_num,
-            args.filter, args.ref_unique_file, args.lower, args.tokenize, sample_file=args.sample_file,
-        )
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"decode_text: {len(predictions)} predictions -> {n_groups} groups, {n_refs} references ({args.ref_type}): "
-          f"{args.output_ref_file}, {args.output_pred_file}")
-    return 0
+
+def run(args: argparse.Namespace) -> str:
+    """The stage; returns the summary line."""
+    tokenizer = None
+    if args.vocab is not None:
+        from steps.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer(args.vocab)
+    predictions = read_predictions(args.sample_file, tokenizer)
+    n_groups, n_refs = write_scorer_files(
+        args.input_file, predictions, args.output_ref_file, args.output_pred_file, args.ref_type, args.ref_num,
+        args.filter, args.ref_unique_file, args.lower, args.tokenize, sample_file=args.sample_file,
+    )
+    return (f"decode_text: {len(predictions)} predictions -> {n_groups} groups, {n_refs} references ({args.ref_type}): "
+            f"{args.output_ref_file}, {args.output_pred_file}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_stage(lambda: print(run(args)))
 
 
 if __name__ == "__main__":
