@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.capturable_adamw import CapturableAdamW
 from steps.optim import AdamW
 
 SETTINGS = dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
@@ -68,7 +69,7 @@ def candidates(device: str) -> dict[str, Callable[[list[nn.Parameter]], object]]
     return {
         "original per-parameter loop": lambda ps: OriginalLoop(ps, **SETTINGS),
         "ours (steps.optim.AdamW)": lambda ps: AdamW(ps, correct_bias=True, **SETTINGS),
-        "ours, capturable=True": lambda ps: AdamW(ps, lr=tensor_lr, correct_bias=True, capturable=True, **settings_wo_lr),
+        "ours, capturable": lambda ps: CapturableAdamW(ps, lr=tensor_lr, correct_bias=True, **settings_wo_lr),
         "torch AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, foreach=True, **SETTINGS),
         "torch AdamW fused=True": lambda ps: torch.optim.AdamW(ps, fused=True, **SETTINGS),
     }

@@ -72,11 +72,12 @@ from torch import nn
 from tqdm import tqdm
 
 from benchmarks import common
+from benchmarks.capturable_adamw import CapturableAdamW
 from steps.common import InputError
 from steps.data import Example, build_examples, collate, epoch_updates
 from steps.lora import LoRAConfig, mark_only_lora_trainable
 from steps.model import CARDS, GPT2, GPT2Config, card
-from steps.optim import AdamW, build_scheduler, param_groups_for
+from steps.optim import build_scheduler, param_groups_for
 
 
 def pipeline_defaults() -> dict[str, Any]:
@@ -307,7 +308,7 @@ class GraphedUpdates:
     meters are device tensors the graph adds to. On the CPU the same step runs eagerly (no capture).
     """
 
-    def __init__(self, model: GPT2, optimizer: AdamW, label_smooth: float, device: torch.device, amp: torch.dtype | None):
+    def __init__(self, model: GPT2, optimizer: CapturableAdamW, label_smooth: float, device: torch.device, amp: torch.dtype | None):
         self.model, self.optimizer, self.label_smooth = model, optimizer, label_smooth
         self.device, self.amp = device, amp
         self.capture = device.type == "cuda"
@@ -379,9 +380,9 @@ def run_graph_variant(settings: dict[str, Any], examples: list[Example], plan: l
     model = GPT2(cfg, LoRAConfig(r=RECIPE["lora_dim"], alpha=RECIPE["lora_alpha"], dropout=RECIPE["lora_dropout"]))
     mark_only_lora_trainable(model)
     model.to(device).train()
-    optimizer = AdamW(param_groups_for(model.named_parameters(), RECIPE["weight_decay"], False),
-                      lr=torch.tensor(RECIPE["lr"], device=device), betas=(RECIPE["adam_beta1"], RECIPE["adam_beta2"]),
-                      eps=RECIPE["adam_epislon"], weight_decay=RECIPE["weight_decay"], correct_bias=True, capturable=True)
+    optimizer = CapturableAdamW(param_groups_for(model.named_parameters(), RECIPE["weight_decay"], False),
+                                lr=torch.tensor(RECIPE["lr"], device=device), betas=(RECIPE["adam_beta1"], RECIPE["adam_beta2"]),
+                                eps=RECIPE["adam_epislon"], weight_decay=RECIPE["weight_decay"], correct_bias=True)
     scheduler = build_scheduler(optimizer, "linear", RECIPE["warmup_step"], RECIPE["max_step"])
     amp = torch.bfloat16 if device.type == "cuda" else None  # bf16 where graphs run; fp32 for the CPU parity check
     runner = GraphedUpdates(model, optimizer, RECIPE["label_smooth"], device, amp)

@@ -38,7 +38,7 @@ LAYER_NORMS = ("ln_1", "ln_2", "ln_f")  # GPT-2's LayerNorm module names (the or
 
 
 class AdamW(torch.optim.Optimizer):
-    """AdamW exactly as the reference trainer computes it (REFERENCE.md 6.2), as one multi-tensor pass per group.
+    """AdamW exactly as the original trainer computes it, as one multi-tensor pass per group.
 
     Per parameter p with gradient g and update count t = 1, 2, ...:
         m <- b1*m + (1-b1)*g ;  v <- b2*v + (1-b2)*g^2 ;  denom = sqrt(v) + eps
@@ -46,27 +46,21 @@ class AdamW(torch.optim.Optimizer):
         p <- p - step * m / denom ;  then  p <- p - lr*wd*p
     Parameters whose grad is None are skipped (their moments, step count and weights stay as they are).
 
-    Two ways to hold the step count t (state["step"], one per parameter like the original, so parameters that
-    miss a gradient now and then keep their own t):
-    - default: a Python int. Bias corrections are computed in Python doubles, as in the original, so nothing reads a
-      device value on the host (no sync) and, on CPU, results are bitwise those of the original per-parameter loop.
-    - capturable=True: a float32 0-d tensor on the parameter's device, and all bias-correction arithmetic on device,
-      so the whole step can be recorded in a CUDA graph. Give `lr` as a 0-d tensor on the parameter device then:
-      `LambdaLR` updates a tensor lr in place (`fill_`), which a captured graph sees; a Python float lr would be
-      baked into the graph. Results equal the default path up to fp32 rounding (the step size is computed in fp32).
-    Both layouts are plain ints/tensors, so `state_dict()` loads with `torch.load(weights_only=True)`; a state saved
-    in one mode resumes in the other (the count is converted on the next step).
+    The step count t is a Python int per parameter (state["step"], like the original, so parameters that miss a
+    gradient now and then keep their own t). Bias corrections are computed in Python doubles, as in the original,
+    so nothing reads a device value on the host (no sync) and, on CPU, results are bitwise those of the original
+    per-parameter loop. The state holds only ints and tensors, so `state_dict()` loads with
+    `torch.load(weights_only=True)`.
     """
 
     def __init__(
         self,
         params: Iterable,
-        lr: float | torch.Tensor = 1e-3,
+        lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
-        capturable: bool = False,
     ):
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {float(lr)}: expected >= 0")
@@ -76,7 +70,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid eps {eps}: expected >= 0")
         if weight_decay < 0.0:
             raise ValueError(f"invalid weight_decay {weight_decay}: expected >= 0")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, capturable=capturable)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -87,19 +81,14 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, states = self._gather(group)
-            if not params:
-                continue
-            _update_moments(group, grads, exp_avgs, exp_avg_sqs)
-            if group.get("capturable", False):
-                _apply_update_on_device(group, params, exp_avgs, exp_avg_sqs, states)
-            else:
-                _apply_update_host_scalars(group, params, exp_avgs, exp_avg_sqs, states)
+            if params:
+                _update_moments(group, grads, exp_avgs, exp_avg_sqs)
+                self._apply_update(group, params, exp_avgs, exp_avg_sqs, states)
         return loss
 
     def _gather(self, group: dict) -> tuple[list, list, list, list, list]:
         """The parameters of `group` that have a gradient, with their (lazily created) state."""
         params, grads, exp_avgs, exp_avg_sqs, states = [], [], [], [], []
-        capturable = group.get("capturable", False)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -107,10 +96,9 @@ class AdamW(torch.optim.Optimizer):
                 raise RuntimeError("AdamW does not support sparse gradients")
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if capturable else 0
+                state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            _convert_step_count(state, p, capturable)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -118,16 +106,25 @@ class AdamW(torch.optim.Optimizer):
             states.append(state)
         return params, grads, exp_avgs, exp_avg_sqs, states
 
-
-def _convert_step_count(state: dict, p: torch.Tensor, capturable: bool) -> None:
-    """Switch the step count between int and device tensor when a state is resumed in the other mode."""
-    step = state["step"]
-    if capturable and not isinstance(step, torch.Tensor):
-        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-    elif capturable and step.device != p.device:
-        state["step"] = step.to(device=p.device, dtype=torch.float32)
-    elif not capturable and isinstance(step, torch.Tensor):
-        state["step"] = int(step.item())  # one-off host read, only right after a cross-mode resume
+    def _apply_update(self, group: dict, params: list, exp_avgs: list, exp_avg_sqs: list, states: list) -> None:
+        """Update and decay with step sizes computed on the host from int step counts (no device reads)."""
+        lr = float(group["lr"])
+        for state in states:
+            state["step"] += 1
+        sizes: dict[int, float] = {}  # usually every parameter shares one t
+        neg_step_sizes = []
+        for state in states:
+            t = state["step"]
+            if t not in sizes:
+                sizes[t] = -reference_step_size(lr, group["betas"], t, group["correct_bias"])
+            neg_step_sizes.append(sizes[t])
+        denoms = adam_denominators(group, exp_avg_sqs)
+        if len(sizes) == 1:
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, value=neg_step_sizes[0])
+        else:
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, neg_step_sizes)
+        if group["weight_decay"] > 0.0:
+            torch._foreach_add_(params, params, alpha=-lr * group["weight_decay"])  # after the update, on the new p
 
 
 def _update_moments(group: dict, grads: list, exp_avgs: list, exp_avg_sqs: list) -> None:
@@ -139,8 +136,8 @@ def _update_moments(group: dict, grads: list, exp_avgs: list, exp_avg_sqs: list)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
 
 
-def _denominators(group: dict, exp_avg_sqs: list) -> list:
-    """sqrt(v) + eps: eps on the *uncorrected* sqrt(v) (the reference; torch adds it after correction)."""
+def adam_denominators(group: dict, exp_avg_sqs: list) -> list:
+    """sqrt(v) + eps: eps on the *uncorrected* sqrt(v) (the original's; torch adds it after the bias correction)."""
     denoms = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denoms, group["eps"])
     return denoms
@@ -152,57 +149,6 @@ def reference_step_size(lr: float, betas: tuple[float, float], t: int, correct_b
         return lr
     beta1, beta2 = betas
     return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-
-
-def _apply_update_host_scalars(group: dict, params: list, exp_avgs: list, exp_avg_sqs: list, states: list) -> None:
-    """Update and decay with step sizes computed on the host from int step counts (no device reads)."""
-    lr = float(group["lr"])
-    for state in states:
-        state["step"] += 1
-    sizes: dict[int, float] = {}  # usually every parameter shares one t
-    neg_step_sizes = []
-    for state in states:
-        t = state["step"]
-        if t not in sizes:
-            sizes[t] = -reference_step_size(lr, group["betas"], t, group["correct_bias"])
-        neg_step_sizes.append(sizes[t])
-    denoms = _denominators(group, exp_avg_sqs)
-    if len(sizes) == 1:
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=neg_step_sizes[0])
-    else:
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, neg_step_sizes)
-    if group["weight_decay"] > 0.0:
-        torch._foreach_add_(params, params, alpha=-lr * group["weight_decay"])  # after the update, on the new p
-
-
-def _apply_update_on_device(group: dict, params: list, exp_avgs: list, exp_avg_sqs: list, states: list) -> None:
-    """The same update with t, the bias corrections and (optionally) lr as device tensors: graph-capturable."""
-    lr = group["lr"]
-    beta1, beta2 = group["betas"]
-    steps = [state["step"] for state in states]
-    torch._foreach_add_(steps, 1.0)
-    denoms = _denominators(group, exp_avg_sqs)
-    if group["correct_bias"]:
-        # step_size = lr * sqrt(1 - b2^t) / (1 - b1^t), one 0-d tensor per parameter
-        correction1 = torch._foreach_pow(beta1, steps)
-        torch._foreach_neg_(correction1)
-        torch._foreach_add_(correction1, 1.0)
-        step_sizes = torch._foreach_pow(beta2, steps)
-        torch._foreach_neg_(step_sizes)
-        torch._foreach_add_(step_sizes, 1.0)
-        torch._foreach_sqrt_(step_sizes)
-        torch._foreach_div_(step_sizes, correction1)
-        torch._foreach_mul_(step_sizes, lr)
-        torch._foreach_div_(denoms, step_sizes)  # p - m / (denom / step) == p - step * m / denom
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=-1.0)
-    elif isinstance(lr, torch.Tensor):
-        torch._foreach_div_(denoms, lr)
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=-1.0)
-    else:
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=-lr)
-    if group["weight_decay"] > 0.0:
-        decay = torch._foreach_mul(params, -lr * group["weight_decay"])  # a 0-d tensor when lr is one
-        torch._foreach_add_(params, decay)
 
 
 def param_groups_for(

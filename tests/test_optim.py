@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.capturable_adamw import CapturableAdamW
 from steps.lora import LoRAConfig, mark_only_lora_trainable
 from steps.model import CARDS, GPT2
 from steps.optim import (
@@ -182,7 +183,8 @@ def test_adamw_capturable_matches_default_path():
     for capturable in (False, True):
         params = make_params()
         lr = torch.tensor(1e-2) if capturable else 1e-2
-        opt = AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, correct_bias=True, capturable=capturable)
+        optimizer = CapturableAdamW if capturable else AdamW
+        opt = optimizer(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, correct_bias=True)
         sched = build_scheduler(opt, "linear", warmup_step=2, max_step=8)
         run_optimizer(opt, params, grads, scheduler=sched)
         results.append(params)
@@ -207,9 +209,16 @@ def save_and_load(obj) -> dict:
 def fresh_run(name: str, capturable: bool = False, seed: int = 0):
     params = make_params(seed)
     lr = torch.tensor(2e-3) if capturable else 2e-3
-    opt = AdamW(params, lr=lr, weight_decay=0.01, correct_bias=True, capturable=capturable)
+    opt = (CapturableAdamW if capturable else AdamW)(params, lr=lr, weight_decay=0.01, correct_bias=True)
     sched = build_scheduler(opt, name, warmup_step=2, max_step=10, i_steps="0,3,6", i_lrs="0,0.003,0.001")
     return params, opt, sched
+
+
+def resumed_as(optimizer: type[AdamW], params: list[nn.Parameter], previous: AdamW) -> AdamW:
+    """A new optimizer of the given kind that continues from `previous`'s saved state."""
+    opt = optimizer(params, lr=2e-3, weight_decay=0.01, correct_bias=True)
+    opt.load_state_dict(save_and_load(previous.state_dict()))
+    return opt
 
 
 @pytest.mark.parametrize("capturable", [False, True])
@@ -245,10 +254,10 @@ def test_resume_across_modes_converts_step_counts():
 
     params2, opt2, _ = fresh_run("none")
     run_optimizer(opt2, params2, grads[:3])
-    opt2.param_groups[0]["capturable"] = True
+    opt2 = resumed_as(CapturableAdamW, params2, opt2)
     run_optimizer(opt2, params2, grads[3:5])
     assert opt2.state[params2[0]]["step"].item() == 5
-    opt2.param_groups[0]["capturable"] = False
+    opt2 = resumed_as(AdamW, params2, opt2)
     run_optimizer(opt2, params2, grads[5:])
     assert opt2.state[params2[0]]["step"] == 6
     for a, b in zip(params, params2):
