@@ -1,7 +1,8 @@
 """Decoding speed: beam search over the E2E test set, this project's decoder vs reference-equivalent mode.
 
 The README's settings: beam 10, length penalty 0.8, no-repeat 4-grams, repetition penalty 1.0, stop ids
-{50256, 628}, eval_len 64, queries = the MR ids + 50256, left-truncated to seq_len - eval_len = 448.
+{<|endoftext|>, "\\n\\n" (628)}, eval_len 64, queries = the MR ids + <|endoftext|>, left-truncated to
+seq_len - eval_len = 448.
 
   ours       steps.decode.search_queries at the project's defaults: one search per unique MR (4,693 lines,
              630 MRs), MRs sorted by length and decoded --batch_size at a time on a preallocated KV cache, a search
@@ -57,6 +58,7 @@ from steps.beam import BeamConfig, Hypothesis
 from steps.common import InputError
 from steps.decode import make_query, search_queries
 from steps.model import CARDS, GPT2, KVCache, card
+from steps.tokenizer import EOS_ID
 
 Search = Callable[[nn.Module, list[list[int]], BeamConfig], list[Hypothesis]]  # queries -> best hypothesis per query
 EOS_BIAS = 50.0  # added to the eos logit once a hypothesis reaches --stop_after tokens: eos then wins every beam
@@ -69,7 +71,7 @@ class StopAfter(nn.Module):
     by `logits`; counting those calls gives the index of the token being chosen, the same for every row.
     """
 
-    def __init__(self, model: GPT2, length: int, eos: int = common.EOS):
+    def __init__(self, model: GPT2, length: int, eos: int = EOS_ID):
         super().__init__()
         self.model, self.length, self.eos = model, length, eos
         self.config = model.config
@@ -234,7 +236,7 @@ def run_setting(base: GPT2, stop_after: int, queries: list[list[int]], precision
     original = OriginalStepZero(base, args.beam, args.seq_len)
     original = StopAfter(original, stop_after) if stop_after > 0 else original
     cfg = BeamConfig(beam=args.beam, eval_len=args.eval_len, length_penalty=args.length_penalty,
-                     no_repeat_ngram_size=args.no_repeat_ngram_size, repetition_penalty=1.0, eos_token_ids=(common.EOS, 628))
+                     no_repeat_ngram_size=args.no_repeat_ngram_size, repetition_penalty=1.0, eos_token_ids=(EOS_ID, 628))
     picked, reference, per_line = time_reference(model, queries, args.reference_lines, cfg, device)
     original_picked, original_hyps, original_per_line = time_reference(original, queries, args.original_lines, cfg, device)
     n_mrs = len(set(map(tuple, queries)))

@@ -78,6 +78,7 @@ from steps.data import Example, build_examples, collate, epoch_updates
 from steps.lora import LoRAConfig, mark_only_lora_trainable
 from steps.model import CARDS, GPT2, GPT2Config, card
 from steps.optim import build_scheduler, param_groups_for
+from steps.tokenizer import EOS_ID
 
 
 def pipeline_defaults() -> dict[str, Any]:
@@ -430,7 +431,7 @@ def peft_model(cfg: GPT2Config, device: torch.device, seed: int) -> nn.Module:
 def hf_batch(examples: list[Example], device: torch.device) -> dict[str, torch.Tensor]:
     """What a right-padding data collator gives: ids padded with eos, attention mask, labels -100 off the loss."""
     T = max(len(e.input) for e in examples)
-    ids = torch.full((len(examples), T), common.EOS, dtype=torch.long)
+    ids = torch.full((len(examples), T), EOS_ID, dtype=torch.long)
     attention = torch.zeros(len(examples), T, dtype=torch.long)
     labels = torch.full((len(examples), T), -100, dtype=torch.long)
     for row, e in enumerate(examples):

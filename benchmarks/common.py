@@ -33,7 +33,6 @@ from steps.tokenizer import get_tokenizer  # noqa: E402
 
 SHARED_E2E = REPO.parent / "shared" / "data" / "e2e"
 OUT_DIR = REPO / "benchmarks" / "out"
-EOS = 50256
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched against
 # torch.cuda.get_device_name(); `--peak_tflops` overrides. Order matters: the first substring that matches wins.
@@ -62,7 +61,7 @@ def e2e_pairs(split: str, path: str | None = None, sample_mrs: int = 600) -> tup
 
 
 def encode_e2e(pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """Token ids as steps.encode writes them: context + [50256], ' ' + completion + [50256]."""
+    """Token ids as steps.encode writes them: context + [<|endoftext|>], ' ' + completion + [<|endoftext|>]."""
     with tqdm(total=len(pairs), disable=True) as quiet:
         contexts, completions, _ = encode_pairs(pairs, get_tokenizer(), add_bos=True, add_eos=True, progress=quiet)
     return list(zip(contexts, completions))
