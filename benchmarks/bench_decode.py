@@ -9,7 +9,7 @@ seq_len - eval_len = 448.
              ends as soon as nothing can beat its best finished hypothesis; bf16 autocast on a GPU, fp32 on the CPU
   reference  `reference_search`: the original's schedule, every line searched on its own at batch 1, always
              eval_len steps, nothing shared between lines; fp32 (the "schedule" columns)
-  original   the same plus the original design's step 0 (REFERENCE Q28), the "original design" columns: the query
+  original   the same plus the original design's first step, the "original design" columns: the query
              right-padded to seq_len (512), repeated for each of the K beams and run in full, with the LM head on
              every one of those K x 512 positions (on a CPU that alone costs more than the rest of the search).
              The extra rows and positions are then dropped, so the search is unchanged. Still not charged: the
@@ -90,7 +90,7 @@ class StopAfter(nn.Module):
 
 
 class OriginalStepZero(nn.Module):
-    """A model wrapper that charges the original's step 0 (Q28) and then behaves exactly like the model.
+    """A model wrapper that charges the original's first step (the padded prompt) and then behaves like the model.
 
     The original expanded each query to its K beams, right-padded to seq_len, and ran all K x seq_len positions
     through the model and the LM head. Right padding leaves the real positions' values unchanged (causal

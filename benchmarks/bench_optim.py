@@ -7,9 +7,10 @@ Only the optimizer step is timed (gradients are fixed random tensors).
     .venv/bin/python benchmarks/bench_optim.py --device cuda   # on a GPU machine
 
 Measured on the 2-core CPU dev box (torch 2.13 CPU, shared, --threads 1, median us/step): original loop 875,
-ours 712, ours capturable 2411 (many 0-d tensor ops: meant for CUDA graphs only), torch foreach 885, torch fused 273.
-torch's fused kernel is ~2.6x faster on CPU but computes a different formula (REFERENCE.md Q22); at well under 1 ms
-per update the optimizer is not where CPU time goes, so the trainer keeps the exact reference AdamW.
+ours 712, ours capturable 2411 (benchmarks/capturable_adamw.py; many 0-d tensor ops: meant for CUDA graphs only),
+torch foreach 885, torch fused 273. torch's fused kernel is ~2.6x faster on CPU but computes a different formula
+(eps after the bias correction, weight decay before the update; docs/fidelity.md); at well under 1 ms per update
+the optimizer is not where CPU time goes, so the trainer keeps the original's exact AdamW.
 """
 
 from __future__ import annotations

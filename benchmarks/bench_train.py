@@ -105,7 +105,7 @@ VARIANTS = {
 CPU_DEFAULT = "ours,ours_fp32,ours_bf16,ours_bucket,reference,peft_fp32,peft_bf16"
 GPU_DEFAULT = "ours,ours_fp32,ours_graph,reference,peft_bf16"
 
-# The paper's E2E recipe (REFERENCE.md 13.3); the schedule length is the 5-epoch GPT-2 M run.
+# The paper's E2E recipe (the LoRA README's GPT-2 M run); the schedule length is its 5 epochs.
 RECIPE = dict(lora_dim=4, lora_alpha=32, lora_dropout=0.1, label_smooth=0.1, lr=2e-4, weight_decay=0.01,
               adam_beta1=0.9, adam_beta2=0.999, adam_epislon=1e-6, warmup_step=500, max_step=26290, seq_len=512)
 PAPER_UPDATES = 26290
@@ -194,7 +194,7 @@ def plan_counts(examples: list[Example], plan: list[list[int]]) -> dict[str, lis
 
 
 class ReferenceLossModule(nn.Module):
-    """The original's loss (REFERENCE 4.3): LM head and log_softmax on every position, then the mask.
+    """The original's loss: LM head and log_softmax on every position of the padded batch, then the mask.
 
     Returns the same (loss sum, nll sum) pair as steps.train.LossModule, so the trainer's update uses it unchanged.
     """

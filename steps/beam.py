@@ -1,4 +1,4 @@
-"""Batched beam search with the original gpt2_beam.py semantics (REFERENCE §9.3, Q29/Q30), on a KV cache.
+"""Batched beam search with the original gpt2_beam.py's scoring, on a KV cache.
 
 What is kept from the original, because it defines the reference outputs:
   - per step, on the raw logits: CTRL repetition penalty over the row's distinct generated tokens, then the eos
@@ -10,11 +10,13 @@ What is kept from the original, because it defines the reference outputs:
     and its slot gets -inf, so the beam has one hypothesis fewer for one step (not HF's "2K candidates" scheme);
   - after `eval_len` steps the live rows compete with cur_len = eval_len.
 
-What is fixed: rows are indexed 0..B*K-1 (Q27: batched == batch-1 results), the best hypothesis stores its
-length and no stale tail (Q33), queries are left-padded and prefilled once, then one token per step through a
-cache preallocated for eval_len more positions, in which beams reorder only their generated positions (Q28), and
-an example stops as soon as no live beam can beat its best finished hypothesis (see `_upper_bound`); finished
-examples leave the batch. None of these fixes changes any output.
+What differs from the original, none of it changing an output (docs/fidelity.md, "Decoding"): rows are
+indexed 0..B*K-1, so a query decoded in a batch gets what it gets alone (the original read other queries' rows
+at the first step when batch > 1); the best hypothesis keeps its own length and no tokens of an older, longer
+one; queries are left-padded and prefilled once, then one token per step goes through a cache with room for
+eval_len more positions, in which beams reorder only their generated positions (the original padded every query
+to seq_len and ran all eval_len steps); and an example stops as soon as no live beam can beat its best finished
+hypothesis (see `_upper_bound`); finished examples leave the batch.
 
 This module is plain PyTorch: the model is anything with `hidden(...)` and `logits(...)` like `steps.model.GPT2`.
 """
@@ -138,7 +140,7 @@ def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int) -> 
 
 
 def process_logits(logits: torch.Tensor, history: torch.Tensor, step: int, cfg: BeamConfig) -> torch.Tensor:
-    """The original's processing order (Q30) on raw logits [R, V], in float32, before normalisation."""
+    """The original's order (repetition penalty, eos ban, n-gram ban) on raw logits [R, V], in float32."""
     logits = logits.float()
     logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
     if step < cfg.min_length:

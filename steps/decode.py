@@ -4,14 +4,15 @@
         --adapter models/finetune --init_checkpoint models/base/model.safetensors \\
         --beam 10 --length_penalty 0.8 --no_repeat_ngram_size 4 --eos_token_id 628 --eval_len 64 --work_dir outputs
 
-Differences from the original, none of which changes a prediction:
-  - the base checkpoint AND the adapter are loaded (Q13); model card, r and alpha come from adapter_config.json
-    (Q35), and an adapter trained on another base (sha256) is refused unless --ignore_base_mismatch;
+Differences from the original, none of which changes a prediction (docs/fidelity.md, "Decoding"):
+  - the base checkpoint AND the adapter are loaded (the original loaded one file, so a LoRA-only checkpoint ran
+    on a random base); model card, r and alpha come from adapter_config.json instead of being retyped, and an
+    adapter trained on another base (sha256) is refused unless --ignore_base_mismatch;
   - LoRA is merged into the weights, so inference costs the same as the plain model;
-  - one search per unique query (E2E test: 630 MRs for 4,693 lines, Q26), sorted by length and decoded
-    --batch_size at a time with the row indexing fixed (Q27), a KV cache and a provably safe early stop (Q28);
-  - predictions are written in input order (Q34) to predictions.jsonl; the original's {"id", "predict"} file only
-    with an explicit --output_file.
+  - one search per unique query (the E2E test set has 630 MRs for 4,693 lines), sorted by length and decoded
+    --batch_size at a time, each query reading its own rows, with a KV cache and a provably safe early stop;
+  - predictions are written in input order to predictions.jsonl (the original wrote them in a shuffled order);
+    the original's {"id", "predict"} file only with an explicit --output_file.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def load_for_inference(
     (LoRA-only or full; those record no alpha, so `lora_alpha` must be given). Without `adapter`, a full original
     checkpoint given as `init_checkpoint` still brings its LoRA tensors, as the original loaded them. Without
     `init_checkpoint`, the base recorded in the adapter config is used if that file exists; a random base is
-    never used silently (Q13). `model_card`/`lora_dim`/`lora_alpha`, when given, must agree with the adapter.
+    never used silently. `model_card`/`lora_dim`/`lora_alpha`, when given, must agree with the adapter.
     """
     if adapter is None and init_checkpoint is not None and _has_lora_tensors(init_checkpoint):
         adapter = init_checkpoint  # an original end-of-epoch checkpoint: base and LoRA in one file
@@ -80,7 +81,7 @@ def load_for_inference(
         init_checkpoint = init_checkpoint or _recorded_base(config)
     if init_checkpoint is None:
         raise InputError("no base weights: pass --init_checkpoint (the GPT-2 model.safetensors / pytorch_model.bin the "
-                         "adapter was trained on); decoding with a random base gives garbage (Q13)")
+                         "adapter was trained on); decoding with a random base gives garbage")
     if config is not None and config["base"].get("sha256"):
         actual = sha256_file(init_checkpoint)
         if actual != config["base"]["sha256"]:
@@ -135,7 +136,7 @@ def _recorded_base(config: dict) -> str | None:
 
 
 def make_query(context: Sequence[int], seq_len: int, eval_len: int) -> list[int]:
-    """The original's query: the context ids left-truncated to their last seq_len - eval_len (REFERENCE §3.3)."""
+    """The original's query: the context ids left-truncated to their last seq_len - eval_len (room to generate)."""
     room = seq_len - eval_len
     if room < 1:
         raise InputError(f"--seq_len ({seq_len}) must exceed --eval_len ({eval_len}): the query needs room")

@@ -1,4 +1,4 @@
-"""Predictions -> the files the scorers read: gpt2_decode.py's behaviour (REFERENCE §10), with clear errors.
+"""Predictions -> the files the scorers read: the original gpt2_decode.py's layouts and grouping, with clear errors.
 
     python -m steps.decode_text --sample_file outputs/predictions.jsonl --input_file data/formatted/test.jsonl \\
         --output_ref_file outputs/refs.txt --output_pred_file outputs/preds.txt
@@ -66,7 +66,7 @@ def read_references(
     lower: bool = False,
     tokenize: bool = False,
 ) -> References:
-    """Read the formatted JSONL and group its references (gpt2_decode.py's rule, REFERENCE §10.2)."""
+    """Read the formatted JSONL and group its references by context string (or --ref_unique_file), as gpt2_decode.py."""
     if filter not in FILTERS:
         raise InputError(f"unknown --filter {filter!r}; choose one of {', '.join(FILTERS)}")
     unique_ids = _read_ref_unique(ref_unique_file) if ref_unique_file else None
@@ -139,7 +139,8 @@ def predictions_by_group(
     refs: References, predictions: dict[int, str], sample_file: str = "the predictions",
     lower: bool = False, tokenize: bool = False,
 ) -> list[str]:
-    """One prediction per reference group, in group order; an error lists what is missing (Q36)."""
+    """One prediction per reference group, in group order; an error lists what is missing (the original stopped
+    with a bare KeyError)."""
     by_key: dict[Hashable, str] = {}
     for index, text in predictions.items():
         if not 0 <= index < len(refs.line_keys):

@@ -91,7 +91,7 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
 
-# The reference's model cards, plus a tiny one for tests and CPU demos (same vocabulary, so real token ids work).
+# The original's model cards, plus a tiny one for tests and CPU demos (same vocabulary, so real token ids work).
 CARDS: dict[str, GPT2Config] = {
     "gpt2.sm": GPT2Config(n_embd=768, n_layer=12, n_head=12),
     "gpt2.md": GPT2Config(n_embd=1024, n_layer=24, n_head=16),

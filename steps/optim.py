@@ -1,11 +1,11 @@
-"""The original trainer's AdamW and learning-rate schedules (REFERENCE.md section 6, Q1, Q2, Q21, Q22, Q24).
+"""The original trainer's AdamW and learning-rate schedules (how and why they differ: docs/fidelity.md).
 
-AdamW is the reference variant, reproduced exactly (Q22): eps is added to the *uncorrected* sqrt(v), the bias
+AdamW is the original's variant, reproduced exactly: eps is added to the *uncorrected* sqrt(v), the bias
 correction is folded into the step size, and the decoupled weight decay comes *after* the Adam update, on the updated
 weights, with the scheduled lr. `torch.optim.AdamW` differs slightly (eps on the corrected sqrt(v), decay first), so
-switching to it would move results off the reference; see `benchmarks/bench_optim.py` for the speed side of that.
+switching to it would move results off the original's; see `benchmarks/bench_optim.py` for the speed side of that.
 
-Schedules are LR multipliers of the number of *optimizer updates* so far (Q1: the original stepped its scheduler
+Schedules are LR multipliers of the number of *optimizer updates* so far (the original stepped its scheduler
 every micro-batch; with grad_acc = 1 the two are identical). `build_scheduler` wraps them in a `LambdaLR`, so the lr
 used by update k (1-based) is base_lr * lr_multiplier(k - 1), exactly as in the original.
 
@@ -24,11 +24,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 # Every name `--scheduler` accepts. `cosine_reference` is the original cosine (kept for parity runs); `cosine` is
-# the standard warmup-then-cosine (the Q2 fix).
+# the standard warmup-then-cosine, decaying over the steps after warmup.
 SCHEDULES = ("linear", "constant", "cosine", "cosine_reference", "cycle", "inv_sqrt", "dev_perf", "none")
 
 # Names that mean "no schedule, constant lr". The original accepted `inv_sqrt` and `dev_perf` but silently built
-# no scheduler for them (Q24); we keep accepting them for CLI compatibility and the trainer warns.
+# no scheduler for them; we keep accepting them for CLI compatibility and the trainer warns.
 NO_SCHEDULE = ("inv_sqrt", "dev_perf", "none")
 
 LAYER_NORMS = ("ln_1", "ln_2", "ln_f")  # GPT-2's LayerNorm module names (the original matched `layer_norm.weight`)
@@ -154,7 +154,7 @@ def reference_step_size(lr: float, betas: tuple[float, float], t: int, correct_b
 def param_groups_for(
     model_named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float, no_decay_bias: bool
 ) -> list[dict]:
-    """Optimizer groups over the *trainable* parameters only (Q21: the original passed frozen weights too).
+    """Optimizer groups over the *trainable* parameters only (the original passed frozen weights too).
 
     With `no_decay_bias`, biases (`*.bias`) and LayerNorm weights (`ln_1`, `ln_2`, `ln_f`) get weight_decay 0;
     the original's pattern `layer_norm.weight` never matched GPT-2's names. Empty groups are left out.
@@ -246,7 +246,7 @@ def _warmup(s: int, warmup_step: int) -> float:
 
 def _cosine_reference(s: int, warmup_step: int, max_step: int) -> float:
     """The original `CosineAnnealingWarmupRestarts` (alpha 0, min_lr 0): lr 0 at s = 0 even without warmup, and
-    the cosine measured from step 0 rather than from the end of warmup, so the lr jumps down at s = W (Q2)."""
+    the cosine measured from step 0 rather than from the end of warmup, so the lr jumps down at s = W."""
     if s == 0:
         return 0.0  # the original forces min_lr after construction
     if s < warmup_step:
@@ -288,7 +288,7 @@ def build_scheduler(
     i_steps: str | Sequence[int] = "0",
     i_lrs: str | Sequence[float] = "0.00025",
 ) -> LambdaLR:
-    """A `LambdaLR` over `lr_multiplier`; call `.step()` once per optimizer update (Q1).
+    """A `LambdaLR` over `lr_multiplier`; call `.step()` once per optimizer update (not per micro-batch).
 
     Every name gives a scheduler (the no-schedule names a constant 1.0), so the trainer can always step it and
     save its state. For `cycle`, pass `max_step=cycle_max_step(i_steps)` if you want the original's overwrite, and

@@ -175,7 +175,7 @@ def test_beam_one_is_greedy(seed):
 
 
 def test_eos_handling_length_and_no_stale_tail():
-    # Make token 0 the eos and overwhelmingly likely first: the result is just [eos] (Q39: empty output is allowed).
+    # Make token 0 the eos and overwhelmingly likely first: the result is just [eos] (an empty text, as the original allows).
     model = peaky_model(vocab=6, seed=4)
     cfg = BeamConfig(beam=3, eval_len=5, eos_token_ids=(0,), no_repeat_ngram_size=0)
     always_eos = beam_search(_Biased(model, 0, 50.0), [[1, 2]], cfg)[0]
@@ -303,7 +303,7 @@ def test_decoding_writes_each_token_into_one_preallocated_cache():
 
 
 class _FirstStepRowBug(_Biased):
-    """Reproduces the original's Q27 indexing: at step 0 query b reads the logits of expanded row b, i.e. query b // K."""
+    """Reproduces the original's batching bug: at step 0 query b reads the logits of expanded row b, i.e. query b // K."""
 
     def __init__(self, model: GPT2, beam: int):
         super().__init__(model, 0, 0.0)
@@ -320,8 +320,9 @@ class _FirstStepRowBug(_Biased):
         return self.model.hidden(input_ids, **kwargs)
 
 
-def test_batched_equals_one_at_a_time_and_no_q27_bug():
-    # Appendix A's setting: 4 queries, beam 3, eval_len 6, batch 2 vs batch 1; plus different query lengths.
+def test_batched_equals_one_at_a_time_and_no_row_indexing_bug():
+    # The setting the original's bug was measured in: 4 queries, beam 3, eval_len 6, batch 2 vs batch 1; plus
+    # different query lengths.
     model = peaky_model(vocab=40, seed=0, std=0.6, n_layer=2)
     queries = [[5, 6, 7, 8, 9, 10, 11], [21], [13, 14, 15], [30, 31, 32, 33, 34]]
     cfg = BeamConfig(beam=3, eval_len=6, eos_token_ids=(0,), no_repeat_ngram_size=4, length_penalty=0.8)
@@ -330,7 +331,8 @@ def test_batched_equals_one_at_a_time_and_no_q27_bug():
         together = [h for i in range(0, 4, batch) for h in beam_search(model, queries[i : i + batch], cfg)]
         assert [h.tokens for h in together] == [h.tokens for h in alone]
         assert [h.score for h in together] == pytest.approx([h.score for h in alone], abs=1e-5)
-    # The same comparison catches the original's bug: with it, ids 1 and 3 differ and ids 0 and 2 match (Appendix A).
+    # The same comparison catches the original's bug: with it, ids 1 and 3 differ and ids 0 and 2 match, as measured
+    # on the original code.
     buggy = _FirstStepRowBug(model, cfg.beam)
     bugged = [h.tokens for i in (0, 2) for h in beam_search(buggy, queries[i : i + 2], cfg)]
     assert [b == a.tokens for b, a in zip(bugged, alone)] == [True, False, True, False]

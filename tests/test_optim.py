@@ -1,8 +1,8 @@
 """The reference AdamW and LR schedules (steps/optim.py) against independent references.
 
-- AdamW: a float64, element-by-element transcription of REFERENCE.md 6.2 (and bitwise: the original's
+- AdamW: a float64, element-by-element transcription of the original's formula (and bitwise: the original's
   per-parameter loop, written out here); torch.optim.AdamW is shown to follow its own, different, formula.
-- Schedules: REFERENCE.md Appendix A vectors (measured on the original code) and transformers' schedule functions.
+- Schedules: multiplier vectors measured on the original code, and transformers' schedule functions.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def make_grads(steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
 
 
 def float64_reference(p0, grads, lr, betas, eps, wd, correct_bias, variant="reference", has_grad=None):
-    """Element by element in float64. variant 'reference' is REFERENCE.md 6.2; 'torch' is torch.optim.AdamW's doc formula.
+    """Element by element in float64. variant 'reference' is the original's formula; 'torch' is torch.optim.AdamW's doc formula.
 
     has_grad(t, i) -> bool says whether parameter i has a gradient at update t (else it is skipped entirely).
     """
@@ -151,7 +151,7 @@ def test_adamw_bitwise_equals_original_per_parameter_loop():
 
 
 def test_torch_adamw_follows_a_different_formula():
-    """Documenting Q22: torch.optim.AdamW adds eps after the bias correction and decays before the update.
+    """Why the original's AdamW is kept: torch.optim.AdamW adds eps after the bias correction and decays before the update.
 
     It matches the float64 transcription of *its* formula, and differs slightly from the reference's.
     """
@@ -303,22 +303,23 @@ def test_param_groups_refuse_a_model_without_trainable_parameters():
 
 # --------------------------------------------------------------------------------------------- schedules
 
-APPENDIX_A = {
+# LR multipliers per update, measured by running the original schedulers.
+ORIGINAL_MULTIPLIERS = {
     "linear": (dict(warmup_step=3, max_step=10), [0, 0.3333, 0.6667, 1, 0.8571, 0.7143, 0.5714, 0.4286, 0.2857, 0.1429, 0, 0]),
     "cosine_reference": (dict(warmup_step=0, max_step=10), [0, 0.9755, 0.9045, 0.7939, 0.6545, 0.5, 0.3455, 0.2061, 0.0955, 0.0245, 0, 0]),
     "cycle": (dict(warmup_step=0, max_step=None, i_steps="0,4,8", i_lrs="0,1,.5"), [0, 0.25, 0.5, 0.75, 1, 0.875, 0.75, 0.625, 0.5, 0.5, 0.5]),
 }
 
 
-@pytest.mark.parametrize("name", list(APPENDIX_A))
-def test_multipliers_match_appendix_a(name):
-    kwargs, expected = APPENDIX_A[name]
+@pytest.mark.parametrize("name", list(ORIGINAL_MULTIPLIERS))
+def test_multipliers_match_the_original(name):
+    kwargs, expected = ORIGINAL_MULTIPLIERS[name]
     got = [lr_multiplier(name, s, **kwargs) for s in range(len(expected))]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
 def test_cosine_reference_with_warmup_jumps_at_the_end_of_warmup():
-    # REFERENCE.md 6.3, W=3, T=10: 0, .333, .667, .794, .655, .5
+    # the original's values for W=3, T=10: 0, .333, .667, .794, .655, .5
     got = [lr_multiplier("cosine_reference", s, 3, 10) for s in range(6)]
     np.testing.assert_allclose(got, [0, 1 / 3, 2 / 3, 0.7939, 0.6545, 0.5], atol=1e-4)
 

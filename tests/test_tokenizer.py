@@ -11,7 +11,7 @@ import pytest
 from steps.common import InputError
 from steps.tokenizer import EOS_ID, Tokenizer, get_tokenizer, packaged_vocab_dir
 
-# REFERENCE 2.2 test vector (verified against the original encoder.py).
+# A test vector verified against the original encoder.py.
 CONTEXT = "name : Blue Spice | Type : coffee shop | area : city centre"
 CONTEXT_IDS = [3672, 1058, 4518, 43537, 930, 5994, 1058, 6891, 6128, 930, 1989, 1058, 1748, 7372]
 COMPLETION = "A coffee shop in the city centre area called Blue Spice ."
