@@ -1,9 +1,5 @@
 """Orchestration: the Prefect finetune flow, MLflow model logging, scheduled `dvc repro` deployments.
 
-Importing the package sets the offline defaults (no telemetry, a generous ephemeral-server start-up
-timeout, PREFECT_HOME in the checkout) before any submodule imports prefect or mlflow.
+Importing it changes nothing: each entry point (`python -m pipelines.finetune`, `.serve`, `.scheduled`)
+applies the offline defaults of pipelines/settings.py itself, before Prefect reads its settings.
 """
-
-from pipelines.settings import apply_env_defaults
-
-apply_env_defaults()

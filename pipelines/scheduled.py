@@ -18,9 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines import settings
+
+if __name__ == "__main__":  # run as a program: the offline defaults go in before Prefect reads its settings
+    settings.apply_env_defaults()
+
 from prefect import flow, get_run_logger
 
-from pipelines import settings, shell
+from pipelines import shell
 from steps.common import InputError
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", dest="print_key", choices=SCHEDULE_KEYS, default=None,
                         help="print one schedule value and exit (used by prefect.yaml so the cron lives only in params.yaml)")
     args = parser.parse_args(argv)
+    settings.apply_env_defaults()
     try:
         if args.print_key:
             print(schedule_settings(args.params)[args.print_key])

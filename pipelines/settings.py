@@ -1,7 +1,7 @@
 """Environment defaults and params.yaml access shared by every pipeline entry point.
 
-`apply_env_defaults()` runs when the `pipelines` package is imported, i.e. before any of its modules
-imports prefect or mlflow (both read some settings once, at import). Every value is a *default*
+Each entry point calls `apply_env_defaults()` itself, before it imports prefect or mlflow (both read
+some settings once, at import); importing this module changes nothing. Every value is a *default*
 (os.environ.setdefault): whatever the user exported wins.
 """
 
@@ -117,3 +117,4 @@ def tracking_uri(tracking: dict[str, Any], project_dir: Path) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(resolve_path(project_dir, uri[len(prefix) :]))
     return uri
+

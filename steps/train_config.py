@@ -10,6 +10,7 @@ the two can never disagree.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import math
@@ -237,10 +238,32 @@ def sha256_of(path: str | os.PathLike | None, chunk: int = 1 << 22) -> str | Non
     return digest.hexdigest()
 
 
+def trainer_sources(entry: str = "train") -> list[Path]:
+    """steps/<entry>.py and every steps module it imports, directly or not (read from the source, so the flow
+    and the trainer find the same files whatever else their processes have imported)."""
+    found: set[str] = set()
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        if name in found or not (STEPS_DIR / f"{name}.py").is_file():
+            continue
+        found.add(name)
+        tree = ast.parse((STEPS_DIR / f"{name}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "steps":
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("steps."):
+                todo.append(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                todo += [alias.name.split(".")[1] for alias in node.names if alias.name.startswith("steps.")]
+    return [STEPS_DIR / f"{name}.py" for name in sorted(found)]
+
+
 def code_sha256() -> str:
-    """The trainer's code (every steps/*.py): a resume state from other code is not resumed."""
+    """The trainer's code (steps/train.py and the steps modules it imports): a resume state from other code is
+    not resumed. Other modules (decoding, evaluation) may change without invalidating a training."""
     digest = hashlib.sha256()
-    for path in sorted(STEPS_DIR.glob("*.py")):
+    for path in trainer_sources():
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from pipelines.settings import apply_env_defaults
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# The same offline defaults the README recommends: no telemetry, no update checks.
-for key, value in {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}.items():
-    os.environ.setdefault(key, value)
+# The offline defaults every entry point applies (no telemetry, no update checks, the checkout's PREFECT_HOME),
+# set once for the whole session before any test imports prefect or mlflow.
+apply_env_defaults()
 
 
 @pytest.fixture(scope="session")

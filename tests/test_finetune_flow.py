@@ -53,7 +53,7 @@ def write_params(root: Path, name: str, work_dir: str, run_file: str) -> Path:
     params["finetune"]["work_dir"] = work_dir
     params["tracking"]["run_file"] = run_file
     params["tracking"]["tracking_uri"] = "sqlite:///mlflow.db"  # relative on purpose: the flow must make it absolute
-    params["flow"].update({key: f"{name}/{Path(value).name}" for key, value in params["flow"].items() if key.endswith(("_plot", "_summary", "_png"))})
+    params["finetune"].update({"plots_dir": name, "summary_file": f"{name}/train_summary.json"})
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -78,7 +78,7 @@ def project(tmp_path_factory, prefect_api) -> Path:
 @pytest.fixture(scope="module")
 def first_run(project, monkeypatch_module):
     """One complete, uninterrupted flow run."""
-    from pipelines.finetune import finetune
+    from pipelines.finetune_flow import finetune
 
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
     params_file = write_params(project, "first", "models/first", "models/first_run.json")
@@ -154,6 +154,7 @@ def test_pyfunc_model_loads_by_alias_and_generates(first_run, project, tmp_path)
     import pandas as pd
 
     import steps.decode as decode
+    from steps.beam import BeamConfig
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -169,9 +170,9 @@ def test_pyfunc_model_loads_by_alias_and_generates(first_run, project, tmp_path)
     config = model.metadata.flavors["python_function"]["config"]
     assert config["beam"] == 2 and config["eval_len"] == 8 and config["eos_token_ids"] == [628, 50256]
     direct = decode.load_for_inference(adapter=str(project / "models/first"), init_checkpoint=str(project / "models/base/model.safetensors"))
-    settings = {key: config[key] for key in ("beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "eos_token_ids",
-                                             "min_length", "eval_len", "seq_len", "batch_size", "add_bos")}
-    assert texts[:2] == decode.generate_texts(direct, mrs[:2], **settings)
+    search = BeamConfig.from_mapping(config)
+    query = {key: config[key] for key in ("seq_len", "batch_size", "add_bos")}
+    assert texts[:2] == decode.generate_texts(direct, mrs[:2], search, **query)
     # The logged model carries the adapter and the code, not the base weights.
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/flow-test-adapter@candidate", dst_path=str(tmp_path)))
     names = {p.name for p in local.rglob("*")}
@@ -240,7 +241,7 @@ def test_killed_trainer_is_retried_resumes_and_matches_the_uninterrupted_run(fir
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from safetensors.torch import load_file
 
-    from pipelines.finetune import finetune
+    from pipelines.finetune_flow import finetune
 
     params_file = write_params(project, "killed", "models/killed", "models/killed_run.json")
     killed: list[int] = []
@@ -377,7 +378,7 @@ def test_tracking_uri_is_made_absolute_and_env_wins(tmp_path, monkeypatch):
 
 
 def test_clean_work_dir_removes_only_trainer_outputs(tmp_path):
-    from pipelines.finetune import clean_work_dir
+    from pipelines.mlflow_run import clean_work_dir
 
     for name in ("adapter.safetensors", "summary.json", "checkpoints/step_4/adapter.safetensors", "resume/state.pt", "notes.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -389,7 +390,8 @@ def test_clean_work_dir_removes_only_trainer_outputs(tmp_path):
 def test_resume_only_an_unfinished_run_with_the_same_fingerprint(tmp_path):
     from mlflow import MlflowClient
 
-    from pipelines.finetune import FinetuneConfig, resumable_run
+    from pipelines.finetune_config import FinetuneConfig
+    from pipelines.mlflow_run import resumable_run
     from steps.tracking import write_run_file
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,0 +1,129 @@
+"""The finetune stage's configuration: params.yaml checked whole, before Prefect, MLflow or the work dir
+are touched, and turned into the trainer's and torchrun's command lines.
+
+Every check answers in one line that names the params.yaml key, the bad value and what is allowed. The
+trainer's option ranges come from steps.train_config, the same table `python -m steps.train` uses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines import settings
+from steps.common import InputError
+from steps.train_config import build_parser, option_problems
+
+FLOW_KEYS = ["torchrun", "retries", "retry_delay_seconds"]
+TORCHRUN_KEYS = ["nproc_per_node", "nnodes", "node_rank"]
+TRACKING_KEYS = ["tracking_uri", "experiment", "registered_model", "alias", "run_file"]
+DECODE_KEYS = ["beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "eos_token_id", "min_length",
+               "eval_len", "seq_len", "batch_size"]
+REQUIRED_TRAINER_KEYS = ["train_data", "valid_data", "work_dir", "init_checkpoint", "model_card"]
+
+
+@dataclass
+class FinetuneConfig:
+    """params.yaml, validated, with paths resolved against the project root."""
+
+    project_dir: Path
+    params_file: Path
+    params: dict[str, Any]
+    trainer: dict[str, Any]  # the `finetune` section: steps.train options by their original names
+    launch: dict[str, Any]  # the `flow` section: torchrun layout and retries
+    tracking: dict[str, Any]
+    decode: dict[str, Any]
+    tracking_uri: str
+
+    @property
+    def work_dir(self) -> Path:
+        return settings.resolve_path(self.project_dir, self.trainer["work_dir"])
+
+    @property
+    def node_rank(self) -> int:
+        return int(self.launch["torchrun"]["node_rank"])
+
+    def path(self, value: str) -> Path:
+        return settings.resolve_path(self.project_dir, value)
+
+
+def load_config(params_file: str | os.PathLike, project_dir: str | os.PathLike = ".", overrides: list[str] | None = None) -> FinetuneConfig:
+    project = Path(project_dir).resolve()
+    params_path = settings.resolve_path(project, params_file)
+    params = settings.load_params(params_path, overrides)
+    trainer = settings.section(params, "finetune", params_path)
+    launch = settings.section(params, "flow", params_path)
+    tracking = settings.section(params, "tracking", params_path)
+    decode = settings.section(params, "decode", params_path)
+    settings.require(trainer, REQUIRED_TRAINER_KEYS, "finetune", params_path)
+    settings.require(launch, FLOW_KEYS, "flow", params_path)
+    settings.require(launch["torchrun"], TORCHRUN_KEYS, "flow.torchrun", params_path)
+    settings.require(tracking, TRACKING_KEYS, "tracking", params_path)
+    settings.require(decode, DECODE_KEYS, "decode", params_path)
+    check_trainer_section(trainer, params_path)
+    for key in ("train_data", "valid_data", "init_checkpoint"):
+        if not settings.resolve_path(project, trainer[key]).is_file():
+            raise InputError(f"finetune.{key} = {trainer[key]} does not exist; run the earlier stages first (dvc repro)", params_path)
+    return FinetuneConfig(project, params_path, params, trainer, launch, tracking, decode, settings.tracking_uri(tracking, project))
+
+
+def check_trainer_section(trainer: dict[str, Any], source: Path) -> None:
+    """Unknown keys (a typo such as `lora_dmi`), bad choices and out-of-range values, all named at once."""
+    options = {action.dest: action for action in build_parser()._actions if action.option_strings}
+    problems = [f"finetune.{key} is not a trainer option (did you mean one of: {', '.join(close_matches(key, options))}?)"
+                for key in trainer if key not in options]
+    for key, value in trainer.items():
+        action = options.get(key)
+        if action is not None and action.choices and value is not None and value not in action.choices:
+            problems.append(f"finetune.{key} = {value!r}: expected one of {', '.join(map(str, action.choices))}")
+    problems += option_problems(trainer, name=lambda key: f"finetune.{key}")
+    if problems:
+        raise InputError("; ".join(problems), source)
+
+
+def close_matches(key: str, options: dict[str, Any]) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(key, list(options), n=3) or ["see python -m steps.train --help"]
+
+
+def trainer_argv(trainer: dict[str, Any]) -> list[str]:
+    """The `finetune` section as steps.train flags: `key: v` -> `--key v`, `flag: true` -> `--flag`, null -> omitted."""
+    argv: list[str] = []
+    for key, value in trainer.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(f"--{key}")
+        elif isinstance(value, list | tuple):
+            argv += [f"--{key}", ",".join(str(v) for v in value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def torchrun_argv(torchrun: dict[str, Any]) -> list[str]:
+    """`python -m torch.distributed.run` (torchrun) with the node layout from `flow.torchrun`.
+
+    One node with no rendezvous endpoint: --standalone (a private rendezvous on a free local port, so
+    two trainings on one machine never collide). Several nodes: every multi-node setting that is set
+    (master_addr/port or rdzv_backend/endpoint/id) is passed through unchanged.
+    """
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun['nproc_per_node']}"]
+    multi_node_keys = ["master_addr", "master_port", "rdzv_backend", "rdzv_endpoint", "rdzv_id"]
+    if int(torchrun["nnodes"]) == 1 and not any(torchrun.get(k) for k in multi_node_keys):
+        argv.append("--standalone")
+    else:
+        argv += [f"--nnodes={torchrun['nnodes']}", f"--node_rank={torchrun['node_rank']}"]
+        argv += [f"--{key}={torchrun[key]}" for key in multi_node_keys if torchrun.get(key)]
+    if torchrun.get("max_restarts"):
+        argv.append(f"--max_restarts={torchrun['max_restarts']}")
+    return [*argv, "-m", "steps.train"]
+
+
+def world_size(torchrun: dict[str, Any]) -> int | str:
+    nproc = torchrun["nproc_per_node"]
+    return int(nproc) * int(torchrun["nnodes"]) if str(nproc).isdigit() else f"{nproc} x {torchrun['nnodes']} nodes"

@@ -1,0 +1,82 @@
+"""The finetune stage as a Prefect flow; each step's details live in its own module.
+
+1. Start an MLflow run, or resume the previous one when it did not finish under the same fingerprint
+   (pipelines/mlflow_run.py); log every param and the inputs' identity.
+2. Train: torchrun steps.train with the `finetune` section as flags (pipelines/trainer_launch.py), retried
+   after crashes (each retry resumes from the last checkpoint), never after bad input or a diverged loss.
+   The trainer logs its losses and checkpoints to the run and writes the DVC metric and plot files.
+3. Log the adapter as an MLflow pyfunc model and register it (pipelines/packaging.py).
+
+Import this module only after pipelines.settings.apply_env_defaults(): Prefect reads its settings at import.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+
+from pipelines import mlflow_run, packaging, trainer_launch
+from pipelines.finetune_config import FinetuneConfig, load_config
+
+
+def retry_unless_final(task_: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry crashes and kills, not a bad argument or a diverged loss (same result again)."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return trainer_launch.is_retryable(exc)
+
+
+@task(name="start-mlflow-run", cache_policy=NO_CACHE)
+def start_run(cfg: FinetuneConfig) -> tuple[str, str, bool]:
+    logger = get_run_logger()
+    context = FlowRunContext.get()
+    run_id, experiment_id, resumed = mlflow_run.start_or_resume(cfg, mlflow_run.describe_inputs(cfg), context and context.flow_run)
+    verb = "resuming" if resumed else "started"
+    logger.info(f"{verb} MLflow run {run_id} in experiment '{cfg.tracking['experiment']}' at {cfg.tracking_uri}")
+    return run_id, experiment_id, resumed
+
+
+@task(name="train", cache_policy=NO_CACHE, retry_condition_fn=retry_unless_final)
+def train(cfg: FinetuneConfig, run_id: str | None) -> None:
+    logger = get_run_logger()
+    logger.info(f"launching: {' '.join(trainer_launch.trainer_command(cfg))}")
+    trainer_launch.run_trainer(cfg, run_id, logger.info)
+
+
+@task(name="log-and-register-model", cache_policy=NO_CACHE)
+def register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> int:
+    mlflow_run.log_outcome(cfg, run_id, summary)
+    model_uri, version = packaging.log_and_register(cfg, run_id, summary)  # ends the run (FINISHED)
+    get_run_logger().info(f"registered {cfg.tracking['registered_model']} v{version} (@{cfg.tracking['alias']}) from {model_uri}")
+    return version
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune with LoRA under torchrun, tracked in MLflow; register the adapter. See the module docstring."""
+    started = time.perf_counter()
+    cfg = load_config(params_file, project_dir, overrides)
+    train_with_retries = train.with_options(retries=int(cfg.launch["retries"]),
+                                            retry_delay_seconds=float(cfg.launch["retry_delay_seconds"]))
+    if cfg.node_rank != 0:
+        # Other nodes only contribute ranks; node 0 owns the MLflow run, the outputs and the registry.
+        train_with_retries(cfg, None)
+        return {"node_rank": cfg.node_rank}
+    run_id, experiment_id, resumed = start_run(cfg)
+    try:
+        train_with_retries(cfg, run_id)
+        summary = json.loads((cfg.work_dir / "summary.json").read_text(encoding="utf-8"))
+        version = register(cfg, run_id, summary)
+    except BaseException:
+        mlflow_run.mark_failed(cfg, run_id)
+        raise
+    result = {
+        "run_id": run_id, "experiment_id": experiment_id, "resumed": resumed, "model": cfg.tracking["registered_model"],
+        "version": version, "alias": cfg.tracking["alias"], "summary": summary, "seconds": round(time.perf_counter() - started, 1),
+    }
+    get_run_logger().info(f"finetune done: {json.dumps(result)}")
+    return result

