@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from benchmarks import common
 from steps.beam import BeamConfig, Hypothesis
-from steps.common import InputError
+from steps.common import InputError, run_stage
 from steps.decode import make_query, search_queries
 from steps.model import CARDS, GPT2, KVCache, card
 from steps.tokenizer import EOS_ID
@@ -296,14 +296,10 @@ def print_report(rows: list[dict[str, Any]], context: dict[str, Any], machine: d
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_stage(lambda: run(args))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     if args.tiny:
         apply_tiny(args)
     if min(args.beam, args.eval_len, args.batch_size) < 1 or min(args.mrs, args.reference_lines, args.original_lines) < 0:
@@ -335,7 +331,6 @@ def run(args: argparse.Namespace) -> int:
           f"ours {r['ours_mrs_per_s']:.2f} MRs/s; projected to the whole set {r['full_speedup']:.1f}x the reference schedule "
           f"and {r['full_original_speedup']:.1f}x the original design; {100 * r['identical_share']:.0f}% identical "
           f"predictions -> {out}")
-    return 0
 
 
 if __name__ == "__main__":
