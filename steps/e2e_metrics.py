@@ -194,6 +194,15 @@ def _info_weights(all_refs: Sequence[Sequence[Tokens]], max_n: int, perl: bool) 
     return weights
 
 
+def mean_non_empty_references(all_refs: Sequence[Sequence[Tokens]]) -> float:
+    """Mean over instances of the number of references with at least one token.
+
+    The e2e-metrics copy of mteval-v13a-sig.pl counts a reference when its tokenised text is not empty, so the
+    empty references the scorer pads instances with do not count.
+    """
+    return sum(1 for refs in all_refs for ref in refs if ref) / len(all_refs)
+
+
 def corpus_nist(
     hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 5, variant: str = "python"
 ) -> float:
@@ -202,10 +211,11 @@ def corpus_nist(
     variant="python" is pymteval (`measure_scores.py -p`): per-order system totals `len(hyp) - n + 1` (can be
     negative), an empty output counts as one word, and the length penalty compares the system length with the sum
     over instances of each instance's mean reference length.
-    variant="perl" is `mteval-v13a-sig.pl` as the scorer drives it: the scorer pads every instance to the largest
-    reference count with empty references, and Perl divides the total reference length by that largest count to
-    get the "average" reference length; totals are clipped at zero; an empty output has no words; only ASCII
-    letters are lower-cased.
+    variant="perl" is the copy of `mteval-v13a-sig.pl` inside e2e-metrics, as its scorer drives it: the scorer pads
+    every instance to the largest reference count with empty references, and that copy (changed from stock mteval,
+    which divides by the number of reference slots) divides the total reference length by the mean number of
+    non-empty references per instance to get the length penalty's reference length; totals are clipped at zero; an
+    empty output has no words; only ASCII letters are lower-cased.
     """
     if variant not in ("python", "perl"):
         raise ValueError(f"unknown NIST variant {variant!r}; expected 'python' or 'perl'")
@@ -236,8 +246,9 @@ def corpus_nist(
 
     if perl:
         score = sum(i / max(t, 1) for i, t in zip(info, totals))
-        n_ref_sets = max(len(refs) for refs in all_refs)
-        return score * nist_length_penalty(totals[0] / (all_ref_words / n_ref_sets))
+        if all_ref_words == 0:  # nothing to match: Perl would divide by zero here
+            return 0.0
+        return score * nist_length_penalty(totals[0] / (all_ref_words / mean_non_empty_references(all_refs)))
     score = sum(i / (t if t != 0 else 1) for i, t in zip(info, totals))
     return score * nist_length_penalty(totals[0] / mean_ref_len)
 

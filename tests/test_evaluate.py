@@ -18,6 +18,27 @@ needs_java = pytest.mark.skipif(not e2e_metrics.java_available(), reason="java i
 # measure_scores.py -p on sys_tgen_baseline.txt vs e2e_test_refs.txt (shared/data/e2e-eval/README.md).
 OFFICIAL_PY = {"BLEU": 0.659272, "NIST": 8.592267, "METEOR": 0.448260, "ROUGE_L": 0.685023, "CIDEr": 2.233846}
 OFFICIAL_PERL_NIST = 8.6094  # the default (Perl mteval) row; published with 4 decimals
+# e2e-metrics' own mteval/mteval-v13a-sig.pl run on the scorer's SGML layout (every instance padded to 45 reference
+# slots with empty references), its printf widened to 10 decimals: NIST of systems made from sys_tgen_baseline.txt.
+PERL_SCRIPT_NIST = {
+    "tgen": 8.6093776203,
+    "all_empty": 0.0,
+    "first_line_repeated": 0.1353387980,  # the first TGen output for every one of the 630 MRs
+    "every_other_line_empty": 1.1745818941,
+    "first_four_words": 0.0000024365,  # each output cut to its first 4 words: the length penalty dominates
+}
+
+
+def degenerate_system(name: str, tgen: list[str]) -> list[str]:
+    if name == "tgen":
+        return tgen
+    if name == "all_empty":
+        return [""] * len(tgen)
+    if name == "first_line_repeated":
+        return [tgen[0]] * len(tgen)
+    if name == "every_other_line_empty":
+        return [text if i % 2 == 0 else "" for i, text in enumerate(tgen)]
+    return [" ".join(text.split()[:4]) for text in tgen]
 
 
 def e2e_eval_files(shared_data: Path) -> tuple[Path, Path]:
@@ -57,14 +78,23 @@ def test_csv_references_and_perl_nist_match_the_grouped_text_form(shared_data: P
     for name in ("BLEU", "ROUGE_L", "CIDEr"):
         assert from_csv[name] == grouped[name], name
     assert grouped["NIST"] == pytest.approx(OFFICIAL_PY["NIST"], abs=5e-7)
-    # Perl NIST: no length penalty in effect (the scorer pads to 45 reference sets); 8.609506 against the published
-    # 4-decimal 8.6094 (see docs/evaluation.md for the last-digit difference).
-    assert from_csv["NIST"] == pytest.approx(OFFICIAL_PERL_NIST, abs=2e-4)
+    # Perl NIST: the published 4-decimal number, and the Perl script's own 10 decimals.
+    assert round(from_csv["NIST"], 4) == OFFICIAL_PERL_NIST
+    assert from_csv["NIST"] == pytest.approx(PERL_SCRIPT_NIST["tgen"], abs=1e-9)
     assert from_csv["bleu_nist_impl"] == "pymteval BLEU, mteval-v13a.pl NIST"
     assert "METEOR" not in from_csv
     # The CSV carries the MRs: they fill the table's context column, in the references' order.
     assert table["context"][0] == "name[Blue Spice], eatType[coffee shop], area[city centre]"
     assert len(table) == 630
+
+
+@pytest.mark.parametrize("system", sorted(PERL_SCRIPT_NIST))
+def test_perl_nist_matches_the_perl_script_on_degenerate_systems(shared_data: Path, system: str) -> None:
+    refs, preds = e2e_eval_files(shared_data)
+    references = evaluate.read_grouped_references(refs)
+    hypotheses = degenerate_system(system, evaluate.read_text_lines(preds))
+    nist = e2e_metrics.corpus_nist(hypotheses, references, variant="perl")
+    assert nist == pytest.approx(PERL_SCRIPT_NIST[system], abs=1e-9)
 
 
 def test_python_tokenizer_fallback_gives_the_official_rouge_and_cider(shared_data: Path, monkeypatch, capsys) -> None:

@@ -102,11 +102,41 @@ def test_nist_python_variant_by_hand() -> None:
 
 
 def test_nist_perl_variant_by_hand() -> None:
-    # Perl: totals clipped at 0 (n=3: 1+0 = 1); the "average" reference length is all reference words (9) divided
-    # by the number of reference sets the scorer pads every instance to (2).
+    # Perl: totals clipped at 0 (n=3: 1+0 = 1); the reference length is all reference words (9) divided by the
+    # mean number of non-empty references per instance ((2 + 1) / 2), not by the 2 slots stock mteval would use.
     score = 5 * LOG2_3 / 4 + LOG2_3 / 2 + LOG2_3 / 1
-    penalty = math.exp(-m.NIST_BETA * math.log(4 / (9 / 2)) ** 2)
+    penalty = math.exp(-m.NIST_BETA * math.log(4 / (9 / 1.5)) ** 2)
     assert m.corpus_nist(NIST_HYPS, NIST_REFS, variant="perl") == pytest.approx(score * penalty, rel=1e-12)
+
+
+# Degenerate systems on a second small corpus, where the three length-penalty rules give three different answers.
+# References: instance 1 "a b c" and "a d", instance 2 "a b e f". Pooled: 9 words, a:3 b:2 c:d:e:f:1, "a b":2, so
+# info(a) = log2(9/3), info(b) = log2(9/2), info(a b) = log2(3/2). Mean non-empty references: (2 + 1) / 2 = 1.5,
+# so Perl's reference length is 9 / 1.5 = 6 (stock mteval: 9 / 2 = 4.5; pymteval: (3+2)/2 + 4 = 6.5).
+DEGENERATE_REFS = [["a b c", "a d"], ["a b e f"]]
+
+
+def test_nist_perl_one_sentence_repeated_for_every_instance() -> None:
+    # "a b" twice: per instance a, b and "a b" match. Totals n=1: 4, n=2: 2, n>=3: 0 (divided by 1).
+    score = 2 * (math.log2(3) + math.log2(4.5)) / 4 + 2 * math.log2(1.5) / 2
+    # System 4 words against 6: ratio 2/3, where the penalty is exactly 0.5 (stock mteval's 4.5 would give 0.94).
+    assert m.corpus_nist(["a b", "a b"], DEGENERATE_REFS, variant="perl") == pytest.approx(0.5 * score, rel=1e-12)
+
+
+def test_nist_perl_with_empty_outputs() -> None:
+    # The first output is empty (no words in Perl); the second matches a, b, "a b" of instance 2.
+    score = (math.log2(3) + math.log2(4.5)) / 2 + math.log2(1.5) / 1
+    penalty = math.exp(-m.NIST_BETA * math.log(2 / 6) ** 2)
+    assert m.corpus_nist(["", "a b"], DEGENERATE_REFS, variant="perl") == pytest.approx(score * penalty, rel=1e-12)
+    assert m.corpus_nist(["", ""], DEGENERATE_REFS, variant="perl") == 0.0
+
+
+def test_nist_perl_counts_only_non_empty_references() -> None:
+    # The scorer pads instances with empty references; they add no words and are not counted, so padding instance 2
+    # changes nothing (the mean stays 1.5, not 2).
+    padded = [["a b c", "a d"], ["a b e f", ""]]
+    assert m.mean_non_empty_references([[["a"], ["b"]], [["c"], []]]) == 1.5
+    assert m.corpus_nist(["a b", "a b"], padded, variant="perl") == m.corpus_nist(["a b", "a b"], DEGENERATE_REFS, variant="perl")
 
 
 def test_nist_beta_halves_the_score_at_two_thirds_length() -> None:
