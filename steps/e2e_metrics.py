@@ -51,6 +51,9 @@ _PERIOD_COMMA_AFTER_NON_DIGIT = re.compile(r"([^0-9])([\.,])")
 _PERIOD_COMMA_BEFORE_NON_DIGIT = re.compile(r"([\.,])([^0-9])")
 _DASH_AFTER_DIGIT = re.compile(r"([0-9])(-)")
 _WHITESPACE = re.compile(r"\s+")
+# Perl's \s on a line read as bytes (multi-bleu-detok.perl opens its files without a UTF-8 layer): ASCII whitespace
+# only, so a no-break space (C2 A0) or a thin space (E2 80 89) is part of a word there.
+_ASCII_WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
 
 
 def mteval_tokenize(text: str) -> Tokens:
@@ -58,6 +61,17 @@ def mteval_tokenize(text: str) -> Tokens:
 
     Quirk kept from pymteval: an empty string gives one empty token `[""]`, so an empty output counts as one word.
     """
+    return _mteval_rules(text, _WHITESPACE)
+
+
+def multi_bleu_tokenize(text: str) -> Tokens:
+    """Tokenise one line like multi-bleu-detok.perl: mteval-v13a's rules, case kept, only ASCII whitespace separating
+    words (Unicode spaces stay inside them, as in the Perl script, which reads bytes). No empty tokens."""
+    return [token for token in _mteval_rules(text, _ASCII_WHITESPACE) if token]
+
+
+def _mteval_rules(text: str, whitespace: re.Pattern[str]) -> Tokens:
+    """mteval-v13a's tokenisation with the given notion of whitespace."""
     text = text.replace("<skipped>", "")
     text = text.replace("-\n", "").replace("\n", " ")
     text = text.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
@@ -66,8 +80,8 @@ def mteval_tokenize(text: str) -> Tokens:
     text = _PERIOD_COMMA_AFTER_NON_DIGIT.sub(r"\1 \2 ", text)
     text = _PERIOD_COMMA_BEFORE_NON_DIGIT.sub(r" \1 \2", text)
     text = _DASH_AFTER_DIGIT.sub(r"\1 \2 ", text)
-    text = _WHITESPACE.sub(" ", text)
-    return text.strip().split(" ")
+    text = whitespace.sub(" ", text)
+    return text.strip(" ").split(" ")
 
 
 def ngrams(tokens: Sequence[str], n: int) -> list[NGram]:
@@ -125,8 +139,9 @@ def corpus_bleu(
     variant="pymteval" (the E2E scorer's -p mode): case-insensitive; the per-order candidate total is
     `len(hyp) - n + 1` even when negative (pymteval adds those too); an empty output is one empty word; zero hits
     and totals are floored at 1e-15 / 1e-9 so BLEU is never undefined.
-    variant="multi-bleu-detok" (GenerationEval's BLEU for WebNLG/DART): case-sensitive, totals count real n-grams,
-    an empty output has no words, and any zero precision makes BLEU 0.
+    variant="multi-bleu-detok" (GenerationEval's BLEU for WebNLG/DART): case-sensitive, only ASCII whitespace
+    separates words, totals count real n-grams, an empty output has no words, an empty reference is a 0-word
+    reference (it can be the closest length), and any zero precision makes BLEU 0.
     """
     if variant not in ("pymteval", "multi-bleu-detok"):
         raise ValueError(f"unknown BLEU variant {variant!r}; expected 'pymteval' or 'multi-bleu-detok'")
@@ -134,13 +149,12 @@ def corpus_bleu(
     hits = [0] * max_n
     totals = [0] * max_n
     ref_len = 0
+    tokenize = mteval_tokenize if python else multi_bleu_tokenize
     for hyp_text, ref_texts in zip(hypotheses, references, strict=True):
-        hyp = mteval_tokenize(hyp_text)
-        refs = [mteval_tokenize(r) for r in ref_texts]
+        hyp = tokenize(hyp_text)
+        refs = [tokenize(r) for r in ref_texts]
         if python:
             hyp, refs = _lower(hyp), [_lower(r) for r in refs]
-        else:
-            hyp, refs = [t for t in hyp if t], [[t for t in r if t] for r in refs]
         for n in range(1, max_n + 1):
             hits[n - 1] += sum(clipped_hits(hyp, refs, n).values())
             totals[n - 1] += len(hyp) - n + 1 if python else max(len(hyp) - n + 1, 0)
@@ -148,7 +162,7 @@ def corpus_bleu(
     sys_len = totals[0]
     if python:
         log_precision = sum(math.log(max(h, BLEU_TINY) / max(t, BLEU_SMALL)) for h, t in zip(hits, totals)) / max_n
-    elif min(hits) == 0:
+    elif min(hits) == 0 or ref_len == 0:  # the Perl script prints BLEU = 0 when every closest reference is empty
         return 0.0
     else:
         log_precision = sum(math.log(h / t) for h, t in zip(hits, totals)) / max_n

@@ -31,6 +31,17 @@ def test_mteval_tokenize(text: str, tokens: list[str]) -> None:
     assert m.mteval_tokenize(text) == tokens
 
 
+def test_multi_bleu_tokenize_splits_on_ascii_whitespace_only() -> None:
+    # multi-bleu-detok.perl reads bytes: a no-break space or a thin space is part of a word there, and is not
+    # stripped from either end of the line; tabs, CR and vertical tab are whitespace.
+    assert m.multi_bleu_tokenize("the\u00a0cat sat.") == ["the\u00a0cat", "sat", "."]
+    assert m.multi_bleu_tokenize("\u2009a b\u2009") == ["\u2009a", "b\u2009"]
+    assert m.multi_bleu_tokenize(" a\tb\rc\x0bd ") == ["a", "b", "c", "d"]
+    assert m.multi_bleu_tokenize("   ") == []
+    # pymteval (Python) splits and strips on every Unicode space.
+    assert m.mteval_tokenize("\u2009the\u00a0cat\u2009") == ["the", "cat"]
+
+
 # ---------------------------------------------------------------- BLEU
 
 
@@ -72,6 +83,32 @@ def test_bleu_is_case_insensitive_in_pymteval_and_case_sensitive_in_multi_bleu_d
     assert m.corpus_bleu(["The cat sat down ."], [["the cat sat down ."]], variant="multi-bleu-detok") == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="variant"):
         m.corpus_bleu(["a"], [["a"]], variant="sacre")
+
+
+def test_multi_bleu_detok_keeps_unicode_spaces_inside_words() -> None:
+    # Hypothesis "a b c d e f g<NBSP>h" is 7 words to the Perl script against the 8-word reference:
+    # p1 = 6/7, p2 = 5/6, p3 = 4/5, p4 = 3/4, BP = exp(1 - 8/7). (The script itself prints 70.1396726800.)
+    expected = math.exp(1 - 8 / 7) * (6 / 7 * 5 / 6 * 4 / 5 * 3 / 4) ** 0.25
+    bleu = m.corpus_bleu(["a b c d e f g\u00a0h"], [["a b c d e f g h"]], variant="multi-bleu-detok")
+    assert bleu == pytest.approx(expected, rel=1e-12)
+    assert bleu == pytest.approx(0.701396726800, abs=1e-12)
+    # A leading thin space makes "<THIN SPACE>a" a word that matches nothing: p = 4/5, 3/4, 2/3, 1/2 (Perl: 66.874...).
+    expected = (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    assert m.corpus_bleu(["\u2009a b c d e"], [["a b c d e"]], variant="multi-bleu-detok") == pytest.approx(expected, rel=1e-12)
+
+
+def test_multi_bleu_detok_counts_an_empty_reference_as_zero_words() -> None:
+    # Instance 1: the blank reference (0 words, 4 away) is closer to the 4-word output than the 10-word one (6 away);
+    # instance 2: "x" (1 word). Reference length 0 + 1 = 1 <= 8 system words, so BP = 1 and every precision is 1.
+    hyps = ["a b c d", "a b c d"]
+    refs = [["a b c d e f g h i j", ""], ["a b c d e f g h i j", "x"]]
+    assert m.corpus_bleu(hyps, refs, variant="multi-bleu-detok") == pytest.approx(1.0, abs=1e-12)
+    # Without the blank reference: r = 10 + 1, BP = exp(1 - 11/8).
+    refs_without_blank = [["a b c d e f g h i j"], ["a b c d e f g h i j", "x"]]
+    expected = math.exp(1 - 11 / 8)
+    assert m.corpus_bleu(hyps, refs_without_blank, variant="multi-bleu-detok") == pytest.approx(expected, rel=1e-12)
+    # When every closest reference is blank the script prints BLEU = 0 (and exits 1).
+    assert m.corpus_bleu(["a b c d"], [["a b c d e f g h i j", " "]], variant="multi-bleu-detok") == 0.0
 
 
 def test_bleu_adds_negative_ngram_totals_of_short_hypotheses_like_pymteval() -> None:
