@@ -175,7 +175,7 @@ VALUE_PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
             r"expensive",
             r"pric(?:e)?y",
             r"costly",
-            r"high(?:er)?[- ]+(?:cost|end|price[ds]?)",
+            r"(?:high(?:er)?|highly)[- ]+(?:cost|end|price[ds]?)",
             r"premium[- ](?:price[ds]?|pricing)",
             r"up(?:scale|market)",
             r"(?:more than|over|above|greater than|at least) £?30(?: pounds)?",
@@ -213,7 +213,9 @@ VALUE_PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
         "riverside": (
             r"river[- ]*side",
             r"river(?:bank|front)",
+            r"waterfront",
             r"(?:by|near|on|along|at|beside|off|next to|close to|overlooking|alongside|facing) the river",
+            r"side of the river",
         ),
     },
     "familyFriendly": {
@@ -223,14 +225,15 @@ VALUE_PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
             rf"non[ -]+{FAMILY}",
             rf"{FAMILY}[ -]+unfriendly",
             r"adults?[ -]+only",
-            r"(?:only )?for adults",
-            r"adult (?:establishment|venue|place|only)",
-            rf"(?:no|not) {FAMILY}",  # "no kids allowed"
+            r"(?:only )?(?:for|towards?|at) adults",  # "for adults", "catered towards adults"
+            r"adult (?:establishment|venue|place|only|atmosphere|environment)",
+            rf"{FAMILY}[ -]*free",  # "child-free"
+            rf"(?:no|not) {FAMILY}(?: (?:allowed|welcome|permitted|accepted))?",  # "no kids allowed" (covers the "kids allowed" in it)
             rf"(?:not|no|isn't)(?: (?:very |really |so |too )?(?:good|suitable|ideal|friendly|open|welcoming|appropriate|"
             rf"recommended|great|conducive|a place|the place|a good place))? (?:for|to|with|towards?)(?: all| the| all the| your| young)? {FAMILY}",
             rf"(?:not|\w+n't|never|no){gap(3)} (?:bring|take|bringing|taking)(?: the| your| young)? {FAMILY}",  # "don't bring the kids"
-            rf"{FAMILY} (?:are|is)(?:n't| not) (?:welcome|welcomed|allowed|permitted|accepted)",
-            rf"(?:does not|doesn't|do not|don't|will not|won't|cannot|can't) (?:welcome|allow|accept|admit|permit|cater (?:to|for))"
+            rf"{FAMILY}(?: are| is)?(?:n't| not) (?:welcome|welcomed|allowed|permitted|accepted)",  # "kids not allowed"
+            rf"(?:does not|doesn't|do not|don't|will not|won't|cannot|can't)(?: \w+ly)? (?:welcome|allow|accept|admit|permit|cater (?:to|for))"
             rf"{gap(2)} {FAMILY}",
         ),
         "yes": (
@@ -239,7 +242,8 @@ VALUE_PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
             # "family pub": only "family" is the match, so the "pub" after it still counts for eatType
             r"famil(?:y|ies)(?= (?:place|venue|restaurant|pub|coffee shop|establishment|dining|atmosphere|setting|environment))",
             rf"(?:bring|take){gap(2)} (?:the |your )?(?:whole )?{FAMILY}",
-            rf"{FAMILY} (?:are|is|will be) (?:very )?(?:welcome|welcomed|allowed|permitted|accepted)",
+            rf"{FAMILY} (?:are |is |will be )?(?:very )?(?:welcome|welcomed|allowed|permitted|accepted)",  # "kids welcome"
+            rf"friendly (?:with|to|towards?) (?:the |all )?{FAMILY}",
             rf"(?:welcomes?|welcoming|allows?|accepts?|caters? (?:to|for)){gap(2)} {FAMILY}",
             r"all ages",
         ),

@@ -92,6 +92,7 @@ def test_a_negated_family_friendly_contradicts_yes(negated):
         "It is n't kid friendly .",  # the E2E text files' tokenisation
         "It isn 't family - friendly .",  # steps.prepare's tokenisation of the CSV release
         "It does not welcome children.",
+        "It does not openly welcome families with children.",
         "Please don't bring the kids.",
         "There are no kids allowed.",
     ],
@@ -100,7 +101,7 @@ def test_a_negated_family_friendly_realises_no(negated):
     assert errors("name[The Eagle], eatType[pub], familyFriendly[no]", f"The Eagle is a pub. {negated}") == ((), (), ())
 
 
-@pytest.mark.parametrize("positive", ["It is family friendly.", "Kids are welcome.", "It is good for families.", "It welcomes children."])
+@pytest.mark.parametrize("positive", ["It is family friendly.", "Kids welcome.", "It is good for families.", "It welcomes children."])
 def test_a_family_friendly_text_contradicts_no(positive):
     mr = "name[The Eagle], eatType[pub], familyFriendly[no]"
     assert errors(mr, f"The Eagle is a pub. {positive}") == ((), (("familyFriendly", "yes"),), ())
@@ -263,7 +264,7 @@ def e2e_test_refs(shared_data: Path) -> tuple[list[str], list[str]]:
 
 
 def test_human_references_have_a_low_slot_error_rate(e2e_test_refs):
-    # Measured: 0.094 on the 4,693 test references (2,592 missing, 387 wrong, 59 added of 32,332 slots).
+    # Measured: 0.092 on the 4,693 test references (2,543 missing, 385 wrong, 60 added of 32,332 slots).
     # The crowd-sourced references drop slots often; Dušek et al. (2019) report that up to 40% of E2E
     # instances omit or add information, which their cleaned release fixes.
     mrs, refs = e2e_test_refs
