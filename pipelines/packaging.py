@@ -45,7 +45,7 @@ def model_config_for(cfg: FinetuneConfig, adapter_config: dict[str, Any]) -> dic
         "length_penalty": float(cfg.decode["length_penalty"]),
         "no_repeat_ngram_size": int(cfg.decode["no_repeat_ngram_size"]),
         "repetition_penalty": float(cfg.decode["repetition_penalty"]),
-        # The original always stops at 50256 and adds each --eos_token_id given.
+        # The original always stops at <|endoftext|> and adds each --eos_token_id given.
         "eos_token_ids": sorted({EOS_ID, *(eos if isinstance(eos, list) else [eos])}),
         "min_length": int(cfg.decode["min_length"]),
         "eval_len": int(cfg.decode["eval_len"]),

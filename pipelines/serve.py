@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import settings
-from steps.common import InputError
+from steps.common import run_stage
 
 # One pipeline run at a time (DVC's repository lock must never be contended). A run that comes due
 # while one is still going is cancelled, not queued: the running one brings the pipeline up to date.
@@ -58,21 +58,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="print one schedule value and exit (used by prefect.yaml so the cron lives only in params.yaml)")
     args = parser.parse_args(argv)
     settings.apply_env_defaults()
-    try:
-        if args.print_key:
-            print(schedule_settings(args.params)[args.print_key])
-            return 0
-        deployment = build_deployment(args.params, args.project_dir)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_stage(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    schedule = schedule_settings(args.params)
+    if args.print_key:
+        print(schedule[args.print_key])
+        return
+    deployment = build_deployment(args.params, args.project_dir)
     from prefect import serve
 
-    schedule = schedule_settings(args.params)
     print(f"serving deployment pipeline/{deployment.name}: cron '{schedule['cron']}' ({schedule['timezone']}), "
           f"at most {CONCURRENCY_LIMIT} run at a time; Ctrl-C to stop", flush=True)
     serve(deployment, limit=CONCURRENCY_LIMIT)
-    return 0
 
 
 if __name__ == "__main__":

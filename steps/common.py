@@ -123,15 +123,18 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
 
-def run_stage(body: Callable[[], object]) -> int:
+def run_stage(body: Callable[[], object], on_failure: Callable[[Exception, int], None] | None = None) -> int:
     """Run a stage's body the way every entry point does: an InputError becomes `error: ...` and exit
-    status 2, a diverged loss exit status 3; anything else is a bug and keeps its traceback."""
+    status 2, a diverged loss exit status 3; anything else is a bug and keeps its traceback.
+
+    `on_failure(exc, status)` runs first for those two (the trainer records them for the finetune flow).
+    """
     try:
         body()
-    except InputError as exc:
+    except (InputError, TrainingDiverged) as exc:
+        status = EXIT_BAD_INPUT if isinstance(exc, InputError) else EXIT_DIVERGED
+        if on_failure is not None:
+            on_failure(exc, status)
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return status
     return 0

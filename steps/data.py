@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from steps.common import InputError, iter_jsonl
+from steps.encoded_meta import check_same_encoding
 
 MicroBatch = list[int]  # indices into the training examples
 Update = list[MicroBatch]  # the grad_acc micro-batches of one optimizer update, for one rank
@@ -137,3 +138,17 @@ def shard_sequential(n_examples: int, batch_size: int, world_size: int, rank: in
     per_rank = math.ceil(n_examples / world_size)
     indices = list(range(rank * per_rank, min(n_examples, (rank + 1) * per_rank)))
     return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def load_splits(train_path: str, valid_path: str, seq_len: int, obj: str, truncation: str,
+                vocab_size: int) -> tuple[list[Example], list[Example]]:
+    """Training and validation examples; validation always uses the clm objective, as the original."""
+    check_same_encoding(train_path, valid_path)
+    train = build_examples(load_encoded(train_path, vocab_size), seq_len, obj, truncation)
+    valid = build_examples(load_encoded(valid_path, vocab_size), seq_len, "clm", truncation)
+    for name, examples, path, objective in (("training", train, train_path, obj), ("validation", valid, valid_path, "clm")):
+        if not any(any(e.mask) for e in examples):
+            # Otherwise the loss is 0/0: a "perfect" valid loss of 0.0 and an untrained adapter saved as best.
+            raise InputError(f"no {name} example has a token to learn from with --seq_len {seq_len} and --obj {objective}; "
+                             "raise --seq_len above the context lengths", path)
+    return train, valid

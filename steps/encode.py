@@ -3,9 +3,9 @@
     python -m steps.encode --input data/formatted/train.jsonl --output data/encoded/train.jsonl --add_bos --add_eos
     python -m steps.encode --input_dir data/formatted --output_dir data/encoded --add_bos --add_eos
 
-Per line: context ids = encode(context), then 50256 if --add_bos (appended AFTER the context: the
+Per line: context ids = encode(context), then <|endoftext|> if --add_bos (appended AFTER the context: the
 original's separator, despite the name); completion ids = encode(" " + completion) (the leading space
-is always added), then 50256 if --add_eos. Output `{"context": [ids], "completion": [ids]}` with the
+is always added), then <|endoftext|> if --add_eos. Output `{"context": [ids], "completion": [ids]}` with the
 default json separators, one line per input line, same order: byte-identical to the original.
 
 Each output also gets `<output>.meta.json` recording the tokenizer, vocabulary hash and flags, so the
@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_dir", help="encode every *.jsonl in this directory (e.g. data/formatted)")
     parser.add_argument("--output_dir", help="where the encoded files go, same names (e.g. data/encoded)")
     parser.add_argument("--vocab", help="directory with encoder.json and vocab.bpe (default: the packaged GPT-2 files)")
-    parser.add_argument("--add_bos", action="store_true", help="append 50256 AFTER the context (the original's separator)")
-    parser.add_argument("--add_eos", action="store_true", help="append 50256 after the completion")
+    parser.add_argument("--add_bos", action="store_true", help="append <|endoftext|> AFTER the context (the original's separator)")
+    parser.add_argument("--add_eos", action="store_true", help="append <|endoftext|> after the completion")
     return parser
 
 

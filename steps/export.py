@@ -45,6 +45,7 @@ from steps.checkpoints import (
 from steps.common import InputError, atomic_write, run_stage, write_json
 from steps.lora import QKV
 from steps.model import CARDS, GPT2, GPT2Config
+from steps.tokenizer import EOS_ID
 
 FORMATS = ("peft", "merged", "nlg")
 PEFT_CONFIG = "adapter_config.json"  # the same name as ours: a directory holds one kind or the other
@@ -454,8 +455,8 @@ def hf_config(cfg: GPT2Config) -> dict[str, Any]:
         "embd_pdrop": 0.1,
         "attn_pdrop": 0.1,
         "initializer_range": 0.02,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": EOS_ID,
+        "eos_token_id": EOS_ID,
         "tie_word_embeddings": True,
     }
 

@@ -10,15 +10,15 @@ One change in semantics, on purpose: the loss of an update is the token mean ove
 micro-batches on all ranks). So batch 8 equals batch 4 x grad_acc 2 equals 2 processes x batch 4, exactly.
 With one process and grad_acc 1 it is the original's per-batch token mean.
 
-The work dir gets the adapter, `checkpoints/step_N/`, `best/`, `resume/state.pt`, the CSV logs, `summary.json`
-and `status.json` (what the last run ended with: completed, bad_input, diverged, or still "running" after a
-crash), which the finetune flow reads to decide whether a retry can help.
+The work dir gets the adapter, `checkpoints/step_N/`, `best/`, `resume/state.pt`, the CSV logs, `summary.json` and
+`status.json` (completed, bad_input, diverged, or "running" after a crash: the flow's retry decision).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -31,69 +31,20 @@ from tqdm import tqdm
 
 from steps import checkpoints as ckpt
 from steps import reports
-from steps.common import EXIT_BAD_INPUT, EXIT_DIVERGED, InputError, TrainingDiverged, run_stage, write_json
-from steps.data import EpochPlan, Example, build_examples, collate, epoch_updates, load_encoded, shard_sequential
+from steps.common import EXIT_BAD_INPUT, InputError, TrainingDiverged, run_stage, write_json
+from steps.data import EpochPlan, collate, epoch_updates, load_splits, shard_sequential
 from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
-from steps.encoded_meta import check_same_encoding
 from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
+from steps.loss import LossModule, masked_lm_loss
 from steps.model import GPT2, card
-from steps.optim import NO_SCHEDULE, AdamW, build_scheduler, cycle_max_step, param_groups_for
-from steps.train_config import TrainConfig, fingerprint, parse_config
+from steps.optim import AdamW, build_scheduler, param_groups_for
+from steps.tracking import RunLogger
+from steps.train_config import TrainConfig, fingerprint, parse_config, resolve_max_step, setup_warnings
 
-LABEL_SMOOTH_MIN = 1e-4  # the original switches label smoothing on above this value
 STATUS_FILE = "status.json"
 
 
-# ---------------------------------------------------------------------------------------------- loss
-
-
-def masked_lm_loss(model: GPT2, batch: dict[str, torch.Tensor], label_smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over loss-mask positions of the label-smoothed loss and of the plain NLL.
-
-    The LM head runs only on masked positions: with the clm objective most positions are context, and the
-    vocabulary projection is the biggest matmul of the model. Per token, with z the logits:
-        nll = logsumexp(z) - z[y],  smooth = logsumexp(z) - mean(z),  loss = (1 - e) * nll + e * smooth
-    which is the original's (1 - e) * -logp[y] + e * mean_v(-logp[v]).
-    """
-    hidden, _ = model.hidden(batch["input"])
-    positions = batch["positions"]  # flat indices of the mask's nonzero positions (steps.data.collate)
-    logits = model.logits(hidden.flatten(0, 1).index_select(0, positions)).float()
-    targets = batch["target"].view(-1).index_select(0, positions)
-    weights = batch["mask"].view(-1).index_select(0, positions)
-    lse = torch.logsumexp(logits, dim=-1)
-    nll = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if label_smooth > LABEL_SMOOTH_MIN:
-        loss = (1.0 - label_smooth) * nll + label_smooth * (lse - logits.mean(dim=-1))
-    else:
-        loss = nll
-    return (loss * weights).sum(), (nll * weights).sum()
-
-
-class LossModule(nn.Module):
-    """Wraps the model so DDP's forward hook sees the whole loss computation."""
-
-    def __init__(self, model: GPT2, label_smooth: float):
-        super().__init__()
-        self.model = model
-        self.label_smooth = label_smooth
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return masked_lm_loss(self.model, batch, self.label_smooth if self.training else 0.0)
-
-
 # ---------------------------------------------------------------------------------------------- set-up
-
-
-def load_data(cfg: TrainConfig, vocab_size: int) -> tuple[list[Example], list[Example]]:
-    check_same_encoding(cfg.train_data, cfg.valid_data)
-    train = build_examples(load_encoded(cfg.train_data, vocab_size), cfg.seq_len, cfg.obj, cfg.truncation)
-    valid = build_examples(load_encoded(cfg.valid_data, vocab_size), cfg.seq_len, "clm", cfg.truncation)  # always clm, as the original
-    for name, examples, path in (("training", train, cfg.train_data), ("validation", valid, cfg.valid_data)):
-        if not any(any(e.mask) for e in examples):
-            # Otherwise the loss is 0/0: a "perfect" valid loss of 0.0 and an untrained adapter saved as best.
-            raise InputError(f"no {name} example has a token to learn from with --seq_len {cfg.seq_len} and --obj "
-                             f"{cfg.obj if name == 'training' else 'clm'}; raise --seq_len above the context lengths", path)
-    return train, valid
 
 
 def build_model(cfg: TrainConfig) -> GPT2:
@@ -114,16 +65,6 @@ def build_model(cfg: TrainConfig) -> GPT2:
     return model
 
 
-def resolve_max_step(cfg: TrainConfig, updates_per_epoch: int) -> int:
-    if cfg.scheduler == "cycle":
-        return cycle_max_step(cfg.i_steps)  # the original overwrites max_step with the last cycle step
-    if cfg.max_step is not None:
-        return cfg.max_step
-    if cfg.max_epoch is None:
-        raise InputError("give --max_step or --max_epoch (the original crashed without either)")
-    return cfg.max_epoch * updates_per_epoch
-
-
 # ---------------------------------------------------------------------------------------------- the trainer
 
 
@@ -132,7 +73,8 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.work_dir = Path(cfg.work_dir)
         self.model = build_model(cfg)
-        self.train_set, self.valid_set = load_data(cfg, self.model.config.vocab_size)
+        self.train_set, self.valid_set = load_splits(cfg.train_data, cfg.valid_data, cfg.seq_len, cfg.obj, cfg.truncation,
+                                                    self.model.config.vocab_size)
         self.model.to(env.device)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         if self.amp_dtype is not None and self.model.lora_config is not None:
@@ -165,7 +107,7 @@ class Trainer:
         self.last_train_loss = math.nan
         self.fingerprint = fingerprint(cfg, env.world)
         self.base = ckpt.base_identity(cfg.init_checkpoint) if env.main else None
-        self.tracker = _tracker(env.rank)
+        self.tracker = RunLogger.from_env(env.rank)  # MLflow on rank 0 when the flow set MLFLOW_RUN_ID; else a no-op
         self.progress: tqdm | None = None
         self._reset_meters()
 
@@ -179,18 +121,6 @@ class Trainer:
         if self.env.main:
             tqdm.write(message, file=sys.stdout)  # above the progress bar, when there is one
             sys.stdout.flush()
-
-    def warn_about_setup(self) -> None:
-        """Say loudly what a user running the trainer by hand may not have meant (the original's defaults)."""
-        cfg = self.cfg
-        if not cfg.init_checkpoint:
-            self.log("WARNING: no --init_checkpoint: training starts from RANDOM weights, not a pretrained GPT-2")
-        if cfg.lora_dim == 0:
-            n = sum(p.numel() for p in self.trainable)
-            self.log(f"WARNING: --lora_dim 0 fine-tunes the FULL model ({n:,} trainable parameters); each checkpoint is the "
-                     f"whole model, about {4 * n / 1e9:.2f} GB in fp32. Give --lora_dim 4 for LoRA")
-        if cfg.scheduler in NO_SCHEDULE:
-            self.log(f"warning: --scheduler {cfg.scheduler} means a constant learning rate (as in the original)")
 
     # -- data
 
@@ -359,11 +289,6 @@ class Trainer:
                 reports.truncate_after(self.work_dir / name, self.step)
         self.log(f"resumed from {path} at update {self.step} (epoch {self.epoch}, update {self.update_in_epoch} of it)")
 
-    def write_status(self, state: str, exit_code: int | None = None, message: str = "") -> None:
-        """status.json: how the last run on this work dir ended, for the flow's retry decision (no times, no paths)."""
-        if self.env.main:
-            write_json(self.work_dir / STATUS_FILE, {"state": state, "exit_code": exit_code, "step": self.step, "message": message})
-
     # -- main loop
 
     def fit(self) -> dict[str, Any]:
@@ -371,13 +296,15 @@ class Trainer:
         if self.env.main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
-        self.write_status("running")
+        if self.env.main:
+            write_status(self.work_dir, "running")
         self.env.barrier()
         n_trainable = sum(p.numel() for p in self.trainable)
         self.log(f"train: {len(self.train_set)} examples, valid: {len(self.valid_set)} | {cfg.model_card} | trainable params "
                  f"{n_trainable:,} | world {self.env.world} on {self.env.device} | {self.updates_per_epoch} updates/epoch, "
                  f"max_step {self.max_step} | precision {cfg.precision}")
-        self.warn_about_setup()
+        for warning in setup_warnings(cfg, n_trainable):
+            self.log(warning)
         truncated = sum(e.truncated for e in self.train_set)
         if truncated:
             self.log(f"warning: {truncated} training examples longer than --seq_len {cfg.seq_len} were truncated ({cfg.truncation})")
@@ -388,7 +315,7 @@ class Trainer:
                              disable=not (self.env.main and sys.stderr.isatty()))
         with self.progress:
             while self.step < self.max_step:
-                self.run_one_update(started)
+                self.run_one_update()
         if self.meter["updates"]:
             self.report_training()
         if self.step % cfg.eval_interval != 0:
@@ -404,7 +331,7 @@ class Trainer:
         self.tracker.close()
         return summary
 
-    def run_one_update(self, started: float) -> None:
+    def run_one_update(self) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
         self.train_update(self.next_update_batches())
@@ -431,18 +358,9 @@ class Trainer:
             reports.write_plots(self.work_dir, self.cfg.plots_dir)
             self.tracker.log_artifacts(self.cfg.plots_dir, "plots")
         self.tracker.log_metrics({"train/wall_s": seconds}, self.step)
-        self.write_status("completed", 0)
+        write_status(self.work_dir, "completed", 0)
         self.log(f"done: {self.step} updates in {seconds:.0f} s, best valid loss {self.best_valid:.4f} "
                  f"(ppl {summary['best_valid_ppl']:.2f}), adapter in {self.work_dir}")
-
-
-def _tracker(rank: int):
-    """MLflow logging through steps.tracking on rank 0 when a run id is in the environment; otherwise nothing.
-
-    steps.tracking imports mlflow only when a run id is set, so a plain trainer run never pays for it."""
-    from steps.tracking import RunLogger
-
-    return RunLogger.from_env(rank)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -451,30 +369,31 @@ def _tracker(rank: int):
 def train(cfg: TrainConfig) -> None:
     env = setup_distributed(cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, env.device))  # resolved first: the fingerprint records it
-    trainer = None
     try:
-        trainer = Trainer(cfg, env)
-        trainer.fit()
-    except InputError as exc:
-        _record_failure(trainer, cfg, env, "bad_input", EXIT_BAD_INPUT, exc)
-        raise
-    except TrainingDiverged as exc:
-        _record_failure(trainer, cfg, env, "diverged", EXIT_DIVERGED, exc)
-        raise
+        Trainer(cfg, env).fit()
     finally:
         shutdown(env)
 
 
-def _record_failure(trainer: Trainer | None, cfg: TrainConfig, env: Dist, state: str, code: int, exc: Exception) -> None:
-    """A failure that a retry would repeat is written to status.json, so the flow does not retry it."""
-    if trainer is not None:
-        trainer.write_status(state, code, str(exc))
-    elif env.main and Path(cfg.work_dir).is_dir():
-        write_json(Path(cfg.work_dir) / STATUS_FILE, {"state": state, "exit_code": code, "step": None, "message": str(exc)})
+def write_status(work_dir: str | Path, state: str, exit_code: int | None = None, message: str = "") -> None:
+    """status.json: how the last run on this work dir ended, for the flow's retry decision (no times, no paths)."""
+    write_json(Path(work_dir) / STATUS_FILE, {"state": state, "exit_code": exit_code, "message": message})
+
+
+def record_failure(work_dir: str | None, exc: Exception, status: int) -> None:
+    """A failure that a rerun would repeat goes to status.json (rank 0), so the finetune flow does not retry it."""
+    if work_dir and Path(work_dir).is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        write_status(work_dir, "bad_input" if status == EXIT_BAD_INPUT else "diverged", status, str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(lambda: train(parse_config(argv)))
+    parsed: list[TrainConfig] = []
+
+    def body() -> None:
+        parsed.append(parse_config(argv))
+        train(parsed[0])
+
+    return run_stage(body, on_failure=lambda exc, status: record_failure(parsed[0].work_dir if parsed else None, exc, status))
 
 
 if __name__ == "__main__":

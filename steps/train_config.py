@@ -22,6 +22,7 @@ from typing import Any
 
 from steps.common import DEFAULT_SEQ_LEN, InputError
 from steps.model import CARDS
+from steps.optim import NO_SCHEDULE, cycle_max_step
 
 SCHEDULERS = ["linear", "cosine", "cosine_reference", "constant", "cycle", "inv_sqrt", "dev_perf", "none"]
 STEPS_DIR = Path(__file__).resolve().parent
@@ -286,3 +287,26 @@ def fingerprint(cfg: TrainConfig, world: int | str) -> dict[str, Any]:
 
 def fingerprint_digest(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_max_step(cfg: TrainConfig, updates_per_epoch: int) -> int:
+    if cfg.scheduler == "cycle":
+        return cycle_max_step(cfg.i_steps)  # the original overwrites max_step with the last cycle step
+    if cfg.max_step is not None:
+        return cfg.max_step
+    if cfg.max_epoch is None:
+        raise InputError("give --max_step or --max_epoch (the original crashed without either)")
+    return cfg.max_epoch * updates_per_epoch
+
+
+def setup_warnings(cfg: TrainConfig, n_trainable: int) -> list[str]:
+    """What a user running the trainer by hand may not have meant (the original's defaults), said loudly."""
+    warnings = []
+    if not cfg.init_checkpoint:
+        warnings.append("WARNING: no --init_checkpoint: training starts from RANDOM weights, not a pretrained GPT-2")
+    if cfg.lora_dim == 0:
+        warnings.append(f"WARNING: --lora_dim 0 fine-tunes the FULL model ({n_trainable:,} trainable parameters); each checkpoint "
+                        f"is the whole model, about {4 * n_trainable / 1e9:.2f} GB in fp32. Give --lora_dim 4 for LoRA")
+    if cfg.scheduler in NO_SCHEDULE:
+        warnings.append(f"warning: --scheduler {cfg.scheduler} means a constant learning rate (as in the original)")
+    return warnings

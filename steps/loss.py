@@ -1,0 +1,45 @@
+"""The training loss: label-smoothed cross-entropy on the loss-mask positions, as sums (the trainer divides
+by the update's token count), with the LM head run only where the loss is taken."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from steps.model import GPT2
+
+LABEL_SMOOTH_MIN = 1e-4  # the original switches label smoothing on above this value
+
+
+def masked_lm_loss(model: GPT2, batch: dict[str, torch.Tensor], label_smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over loss-mask positions of the label-smoothed loss and of the plain NLL.
+
+    The LM head runs only on masked positions: with the clm objective most positions are context, and the
+    vocabulary projection is the biggest matmul of the model. Per token, with z the logits:
+        nll = logsumexp(z) - z[y],  smooth = logsumexp(z) - mean(z),  loss = (1 - e) * nll + e * smooth
+    which is the original's (1 - e) * -logp[y] + e * mean_v(-logp[v]).
+    """
+    hidden, _ = model.hidden(batch["input"])
+    positions = batch["positions"]  # flat indices of the mask's nonzero positions (steps.data.collate)
+    logits = model.logits(hidden.flatten(0, 1).index_select(0, positions)).float()
+    targets = batch["target"].view(-1).index_select(0, positions)
+    weights = batch["mask"].view(-1).index_select(0, positions)
+    lse = torch.logsumexp(logits, dim=-1)
+    nll = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if label_smooth > LABEL_SMOOTH_MIN:
+        loss = (1.0 - label_smooth) * nll + label_smooth * (lse - logits.mean(dim=-1))
+    else:
+        loss = nll
+    return (loss * weights).sum(), (nll * weights).sum()
+
+
+class LossModule(nn.Module):
+    """Wraps the model so DDP's forward hook sees the whole loss computation."""
+
+    def __init__(self, model: GPT2, label_smooth: float):
+        super().__init__()
+        self.model = model
+        self.label_smooth = label_smooth
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return masked_lm_loss(self.model, batch, self.label_smooth if self.training else 0.0)
