@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from steps import prepare
+from steps import datasets, prepare
 from steps.common import InputError
 from steps.sample_data import generate_sample, write_text_files
 
@@ -34,14 +34,14 @@ def csv_text(rows) -> str:
 
 def write_e2e_txt(raw: Path, lines=TXT_LINES) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
-    for name in prepare.E2E_TXT_FILES.values():
+    for name in datasets.E2E_TXT_FILES.values():
         (raw / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return raw
 
 
 def write_e2e_csv(raw: Path, rows=CSV_ROWS) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
-    for name in prepare.E2E_CSV_FILES.values():
+    for name in datasets.E2E_CSV_FILES.values():
         (raw / name).write_text(csv_text(rows), encoding="utf-8")
     return raw
 
@@ -128,14 +128,14 @@ def test_blank_lines_are_skipped_and_counted(tmp_path, capsys):
     ],
 )
 def test_tokenize_e2e_matches_text_files(raw, tokenised):
-    assert prepare.tokenize_e2e(raw) == tokenised
+    assert datasets.tokenize_e2e(raw) == tokenised
 
 
 def test_render_e2e_mr():
     mr = "name[Alimentum], eatType[pub], priceRange[£20-25], customer rating[3 out of 5], familyFriendly[yes], near[Café Rouge]"
     expected = "name : Alimentum | Type : pub | price : £ 20 - 25 | customer rating : 3 out of 5 | family friendly : yes | near : Café Rouge"
-    assert prepare.render_e2e_mr(mr, Path("x.csv"), 2) == expected
-    assert prepare.render_e2e_mr("name[A], priceRange[more than £30]", Path("x.csv"), 2) == "name : A | price : more than £ 30"
+    assert datasets.render_e2e_mr(mr, Path("x.csv"), 2) == expected
+    assert datasets.render_e2e_mr("name[A], priceRange[more than £30]", Path("x.csv"), 2) == "name : A | price : more than £ 30"
 
 
 def test_csv_and_txt_give_identical_output(tmp_path):
@@ -160,8 +160,8 @@ def test_csv_equals_text_on_the_real_dev_and_test_sets(shared_data):
         ("devset.csv", "valid.txt", 4672, 547, 4671),
         ("testset_w_refs.csv", "test.txt", 4693, 630, 4567),
     ]:
-        from_csv = prepare.read_e2e_csv(shared_data / "e2e-csv" / csv_name).examples
-        from_txt = prepare.read_e2e_txt(shared_data / "e2e" / txt_name).examples
+        from_csv = datasets.read_e2e_csv(shared_data / "e2e-csv" / csv_name).examples
+        from_txt = datasets.read_e2e_txt(shared_data / "e2e" / txt_name).examples
         assert len(from_csv) == len(from_txt) == n_lines
         csv_mrs = {e.context for e in from_csv}
         assert len(csv_mrs) == n_mrs
@@ -212,7 +212,7 @@ def write_json_splits(raw: Path, files: dict[str, str], data) -> Path:
 
 
 def test_webnlg_exact_bytes(tmp_path, capsys):
-    raw = write_json_splits(tmp_path / "raw", prepare.WEBNLG_FILES, WEBNLG)
+    raw = write_json_splits(tmp_path / "raw", datasets.WEBNLG_FILES, WEBNLG)
     assert run_prepare("--dataset", "webnlg", "--raw_dir", raw, "--out_dir", tmp_path / "out") == 0
     context = 'Aarhus_Airport : cityServed : "Aarhus, Denmark" | Aarhus_Airport : elevationAboveTheSeaLevel_(in_metres) : 25.0'
     assert (tmp_path / "out" / "test.jsonl").read_text() == expected_jsonl(
@@ -227,7 +227,7 @@ def test_webnlg_exact_bytes(tmp_path, capsys):
 
 
 def test_dart_exact_bytes(tmp_path):
-    raw = write_json_splits(tmp_path / "raw", prepare.DART_FILES, DART)
+    raw = write_json_splits(tmp_path / "raw", datasets.DART_FILES, DART)
     assert run_prepare("--dataset", "dart", "--raw_dir", raw, "--out_dir", tmp_path / "out") == 0
     context = "Mars Hill College : joined : 1973 | Mars Hill College : location : Mars Hill, North Carolina"
     assert (tmp_path / "out" / "valid.jsonl").read_text() == expected_jsonl(
@@ -240,10 +240,10 @@ def test_dart_exact_bytes(tmp_path):
 
 
 def test_real_webnlg_and_dart_counts(shared_data):
-    webnlg = prepare.read_webnlg(shared_data / "webnlg" / "dev.json")
+    webnlg = datasets.read_webnlg(shared_data / "webnlg" / "dev.json")
     assert (len(webnlg.examples), webnlg.skipped) == (2258, 10)  # 2,268 lexicalisations, 10 marked "toFix"
     assert all(e.cate for e in webnlg.examples)  # the dev set holds only seen categories
-    dart = prepare.read_dart(shared_data / "dart" / "dart-v1.1.1-full-dev.json")
+    dart = datasets.read_dart(shared_data / "dart" / "dart-v1.1.1-full-dev.json")
     assert (len(dart.examples), len({e.context for e in dart.examples})) == (6980, 2721)
 
 
@@ -306,7 +306,7 @@ def test_bad_e2e_csv(tmp_path, capsys, content, match):
 
 
 def test_malformed_json_names_the_line(tmp_path, capsys):
-    raw = write_json_splits(tmp_path / "raw", prepare.WEBNLG_FILES, WEBNLG)
+    raw = write_json_splits(tmp_path / "raw", datasets.WEBNLG_FILES, WEBNLG)
     (raw / "test.json").write_text('{"entries": [\n  {"1": \n  oops}\n]}', encoding="utf-8")
     assert_fails(capsys, tmp_path / "out", "--dataset", "webnlg", "--raw_dir", raw, "--out_dir", tmp_path / "out", match="test.json:3: malformed JSON")
 
@@ -317,16 +317,19 @@ def test_malformed_json_names_the_line(tmp_path, capsys):
         ([{"tripleset": [["a", "b"]], "annotations": []}], "entry 0: malformed entry"),
         ([{"tripleset": [["a", "b", "c"]], "annotations": [{"text": " "}]}], "entry 0: empty annotation text"),
         ({"entries": []}, "expected a JSON list"),
+        # A dict per triple used to be unpacked into its keys and written as "s : p : o" for every triple.
+        ([{"tripleset": [{"s": "Mars Hill", "p": "joined", "o": "1973"}], "annotations": [{"text": "x"}]}],
+         "is not a list [subject, predicate, object]"),
     ],
 )
 def test_bad_dart(tmp_path, capsys, data, match):
-    raw = write_json_splits(tmp_path / "raw", prepare.DART_FILES, DART)
-    (raw / prepare.DART_FILES["train"]).write_text(json.dumps(data), encoding="utf-8")
+    raw = write_json_splits(tmp_path / "raw", datasets.DART_FILES, DART)
+    (raw / datasets.DART_FILES["train"]).write_text(json.dumps(data), encoding="utf-8")
     assert_fails(capsys, tmp_path / "out", "--dataset", "dart", "--raw_dir", raw, "--out_dir", tmp_path / "out", match=match)
 
 
 def test_bad_webnlg_entry(tmp_path, capsys):
-    raw = write_json_splits(tmp_path / "raw", prepare.WEBNLG_FILES, WEBNLG)
+    raw = write_json_splits(tmp_path / "raw", datasets.WEBNLG_FILES, WEBNLG)
     broken = {"entries": [{"1": {"category": "City", "lexicalisations": []}}]}
     (raw / "dev.json").write_text(json.dumps(broken), encoding="utf-8")
     assert_fails(capsys, tmp_path / "out", "--dataset", "webnlg", "--raw_dir", raw, "--out_dir", tmp_path / "out", match="entries[0]: missing or malformed field 'modifiedtripleset'")
@@ -337,11 +340,11 @@ def test_unknown_dataset(tmp_path, capsys):
         run_prepare("--dataset", "wikibio", "--raw_dir", tmp_path, "--out_dir", tmp_path / "out")
     assert exc.value.code == 2 and "invalid choice: 'wikibio'" in capsys.readouterr().err
     with pytest.raises(InputError, match="unknown dataset 'wikibio'"):
-        prepare.read_dataset("wikibio", tmp_path)
+        datasets.read_dataset("wikibio", tmp_path)
 
 
 def test_missing_split_names_the_expected_file(tmp_path, capsys):
-    raw = write_json_splits(tmp_path / "raw", prepare.WEBNLG_FILES, WEBNLG)
+    raw = write_json_splits(tmp_path / "raw", datasets.WEBNLG_FILES, WEBNLG)
     (raw / "test.json").unlink()
     assert_fails(capsys, tmp_path / "out", "--dataset", "webnlg", "--raw_dir", raw, "--out_dir", tmp_path / "out", match="missing test.json for the test split")
     assert_fails(capsys, tmp_path / "out", "--dataset", "e2e", "--raw_dir", tmp_path / "empty_dir_missing", "--out_dir", tmp_path / "out", match="raw data directory not found")
@@ -366,15 +369,15 @@ def test_write_failure_midway_renames_nothing(tmp_path, monkeypatch):
     """Even a failure while writing the last split (after the others were written) publishes nothing."""
     raw = tmp_path / "raw"
     write_text_files(generate_sample(1, 5, 2, 2), raw)
-    splits, _ = prepare.read_dataset("e2e", raw)
-    original = prepare.Example.to_json
+    splits, _ = datasets.read_dataset("e2e", raw)
+    original = datasets.Example.to_json
 
     def explode_in_test(self):
         if self.context == splits["test"].examples[-1].context:
             raise OSError("disk full")
         return original(self)
 
-    monkeypatch.setattr(prepare.Example, "to_json", explode_in_test)
+    monkeypatch.setattr(datasets.Example, "to_json", explode_in_test)
     with pytest.raises(OSError):
         prepare.write_splits(splits, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []

@@ -10,7 +10,7 @@ from itertools import groupby
 
 import pytest
 
-from steps import prepare
+from steps import datasets
 from steps.common import InputError
 from steps.sample_data import SLOT_ORDER, generate_sample, main
 
@@ -91,8 +91,8 @@ def test_references_use_the_text_files_tokenisation(sample):
     """Re-tokenising like the E2E text files changes nothing: the sample is already in that style."""
     for lines in sample.values():
         for mr, ref in lines:
-            assert prepare.tokenize_e2e(ref) == ref
-            assert all(prepare.tokenize_e2e(value) == value for value in parse_mr(mr).values())
+            assert datasets.tokenize_e2e(ref) == ref
+            assert all(datasets.tokenize_e2e(value) == value for value in parse_mr(mr).values())
 
 
 def test_empty_split_is_a_clear_error():
