@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from steps import export
+from steps import export, peft_format
 from steps.checkpoints import adapter_config, base_identity, load_adapter, load_base_weights, save_adapter
 from steps.common import InputError
 from steps.lora import LoRAConfig
@@ -127,7 +127,7 @@ def test_round_trip_ours_peft_ours_is_exact(tmp_path, base_dir, targets):
     make_our_adapter(base_dir, tmp_path / "ours", targets, r=3, alpha=7.5)
     original_tensors, original_config = load_adapter(tmp_path / "ours")
     run_export("--adapter", tmp_path / "ours", "--format", "peft", "--output", tmp_path / "peft")
-    tensors, config = export.read_peft_adapter(tmp_path / "peft")
+    tensors, config = peft_format.read_peft_adapter(tmp_path / "peft")
     assert config == original_config
     assert set(tensors) == set(original_tensors)
     assert all(torch.equal(tensors[k], original_tensors[k]) for k in tensors)
@@ -144,7 +144,7 @@ def test_peft_resaved_export_imports_in_the_compact_layout(tmp_path, base_dir):
     original_tensors, _ = load_adapter(tmp_path / "ours")
     run_export("--adapter", tmp_path / "ours", "--format", "peft", "--output", tmp_path / "peft")
     peft.PeftModel.from_pretrained(load_hf(base_dir), tmp_path / "peft").save_pretrained(tmp_path / "resaved")
-    tensors, config = export.read_peft_adapter(tmp_path / "resaved")
+    tensors, config = peft_format.read_peft_adapter(tmp_path / "resaved")
     assert (config["targets"], config["r"], config["alpha"]) == (["q", "v"], 4, 32)
     assert all(torch.equal(tensors[k], original_tensors[k]) for k in original_tensors)
 
@@ -167,7 +167,7 @@ def peft_trained_adapter(base_dir: Path, out: Path, zero_k: bool = False, **lora
 @pytest.mark.parametrize("case", ["dense", "rslora", "zero-k"])
 def test_peft_trained_adapter_imports_with_its_logits(tmp_path, base_dir, case):
     peft_model = peft_trained_adapter(base_dir, tmp_path / "peft", zero_k=case == "zero-k", use_rslora=case == "rslora")
-    tensors, config = export.read_peft_adapter(tmp_path / "peft")
+    tensors, config = peft_format.read_peft_adapter(tmp_path / "peft")
     # rank 4 on c_attn: q, k, v (or q, v when k is untouched) at rank 4 with A shared by the slices
     assert config["targets"] == (["q", "v"] if case == "zero-k" else ["q", "k", "v"]) and config["r"] == 4
     # PEFT recorded the local base directory: its weights file becomes the adapter's base (path and sha256)
@@ -202,7 +202,7 @@ def test_peft_rank_that_disagrees_with_its_tensors_is_refused(tmp_path, base_dir
     config_path = tmp_path / "peft" / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "r": 8}))
     with pytest.raises(InputError, match="r is 8 but the tensors have rank 4") as info:
-        export.read_peft_adapter(tmp_path / "peft")
+        peft_format.read_peft_adapter(tmp_path / "peft")
     assert "adapter_config.json" in str(info.value)
 
 
@@ -212,19 +212,19 @@ def test_peft_adapter_beyond_c_attn_or_with_dora_is_refused(tmp_path, base_dir):
     tensors = load_file(weights)
     save_file({**tensors, "base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight": torch.zeros(4, TINY.n_embd)}, weights)
     with pytest.raises(InputError, match=r"not LoRA A/B of attn\.c_attn.*mlp\.c_fc"):
-        export.read_peft_adapter(tmp_path / "peft")
+        peft_format.read_peft_adapter(tmp_path / "peft")
     save_file(tensors, weights)
     config_path = tmp_path / "peft" / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_dora": True}))
     with pytest.raises(InputError, match="DoRA"):
-        export.read_peft_adapter(tmp_path / "peft")
+        peft_format.read_peft_adapter(tmp_path / "peft")
 
 
 def test_peft_dir_without_config_and_merge_on_another_base_are_refused(tmp_path, base_dir, capsys):
     peft_trained_adapter(base_dir, tmp_path / "peft")
     (tmp_path / "peft" / "adapter_config.json").unlink()
     with pytest.raises(InputError, match=r"adapter_config\.json not found"):
-        export.read_peft_adapter(tmp_path / "peft")
+        peft_format.read_peft_adapter(tmp_path / "peft")
     make_our_adapter(base_dir, tmp_path / "ours")
     other = tmp_path / "other"
     random_hf_model(seed=5).save_pretrained(other)
