@@ -13,6 +13,7 @@ Import this module only after pipelines.settings.apply_env_defaults(): Prefect r
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from prefect.context import FlowRunContext
 
 from pipelines import mlflow_run, packaging, trainer_launch
 from pipelines.finetune_config import FinetuneConfig, load_config
+from steps.common import lock_work_dir
 
 
 def retry_unless_final(task_: Any, task_run: Any, state: Any) -> bool:
@@ -41,10 +43,8 @@ def start_run(cfg: FinetuneConfig) -> tuple[str, str, bool]:
 
 
 @task(name="train", cache_policy=NO_CACHE, retry_condition_fn=retry_unless_final)
-def train(cfg: FinetuneConfig, run_id: str | None) -> None:
-    logger = get_run_logger()
-    logger.info(f"launching: {' '.join(trainer_launch.trainer_command(cfg))}")
-    trainer_launch.run_trainer(cfg, run_id, logger.info)
+def train(cfg: FinetuneConfig, run_id: str | None, lock_fd: int) -> None:
+    trainer_launch.run_trainer(cfg, run_id, get_run_logger().info, lock_fd)
 
 
 @task(name="log-and-register-model", cache_policy=NO_CACHE)
@@ -62,18 +62,22 @@ def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides
     cfg = load_config(params_file, project_dir, overrides)
     train_with_retries = train.with_options(retries=int(cfg.launch["retries"]),
                                             retry_delay_seconds=float(cfg.launch["retry_delay_seconds"]))
-    if cfg.node_rank != 0:
-        # Other nodes only contribute ranks; node 0 owns the MLflow run, the outputs and the registry.
-        train_with_retries(cfg, None)
-        return {"node_rank": cfg.node_rank}
-    run_id, experiment_id, resumed = start_run(cfg)
+    lock_fd = lock_work_dir(cfg.work_dir)  # one writer per work dir: held (and shared with the trainer) until the flow ends
     try:
-        train_with_retries(cfg, run_id)
-        summary = json.loads((cfg.work_dir / "summary.json").read_text(encoding="utf-8"))
-        version = register(cfg, run_id, summary)
-    except BaseException:
-        mlflow_run.mark_failed(cfg, run_id)
-        raise
+        if cfg.node_rank != 0:
+            # Other nodes only contribute ranks; node 0 owns the MLflow run, the outputs and the registry.
+            train_with_retries(cfg, None, lock_fd)
+            return {"node_rank": cfg.node_rank}
+        run_id, experiment_id, resumed = start_run(cfg)
+        try:
+            train_with_retries(cfg, run_id, lock_fd)
+            summary = json.loads((cfg.work_dir / "summary.json").read_text(encoding="utf-8"))
+            version = register(cfg, run_id, summary)
+        except BaseException:
+            mlflow_run.mark_failed(cfg, run_id)
+            raise
+    finally:
+        os.close(lock_fd)
     result = {
         "run_id": run_id, "experiment_id": experiment_id, "resumed": resumed, "model": cfg.tracking["registered_model"],
         "version": version, "alias": cfg.tracking["alias"], "summary": summary, "seconds": round(time.perf_counter() - started, 1),

@@ -1,45 +1,86 @@
-"""Launching the trainer from the flow: its command line and environment, and what its exit means.
+"""Launching the trainer from the flow: its processes, their environment, and what their exit means.
 
-Whether a failed training is worth retrying is read from the trainer's own `status.json` in the work dir
-(steps/train.py writes it), never from torchrun's text: `bad_input` and `diverged` would fail the same way
-again; anything else (a crash, a kill, a lost node, status still `running`) is retried, and the retry
-resumes from the last checkpoint.
+How it is launched, by `flow.torchrun`:
+- one process (the default): `python -m steps.train` alone. No torchrun, so nothing listens on the network.
+- one node, N processes: N `python -m steps.train` processes with RANK/WORLD_SIZE set, meeting through a
+  rendezvous file and talking over loopback (gloo/NCCL bound to `lo`). torchrun is not used here because its
+  rendezvous stores listen on every interface, unauthenticated, and unpickle what they are sent.
+- several nodes: torchrun with the endpoint the user configured (docs/pipeline.md: keep that port reachable
+  by the training nodes alone).
+
+Whether a failed training is worth retrying is read from the trainer's own `status.json` in the work dir,
+never from its text: `bad_input` and `diverged` would fail the same way again; anything else (a crash, a kill,
+a lost node, status still `running`) is retried, and the retry resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines import settings, shell
 from pipelines.finetune_config import FinetuneConfig, torchrun_argv, trainer_argv
-from steps.common import InputError
+from steps.common import PARENT_PID_ENV, WORK_DIR_LOCK_FD, InputError
+from steps.distributed import RENDEZVOUS_FILE
 
 STATUS_FILE = "status.json"
-FINAL_STATES = {"bad_input", "diverged"}
 
 
 class TrainerFailed(RuntimeError):
-    def __init__(self, message: str, retryable: bool, bad_input: bool = False):
+    def __init__(self, message: str, retryable: bool):
         super().__init__(message)
         self.retryable = retryable
-        self.bad_input = bad_input
 
 
-def trainer_command(cfg: FinetuneConfig) -> list[str]:
-    return torchrun_argv(cfg.launch["torchrun"]) + trainer_argv(cfg.trainer)
+def processes_per_node(torchrun: dict) -> int | None:
+    """flow.torchrun.nproc_per_node as a number (`gpu`/`auto` count the GPUs); None for what torchrun must resolve."""
+    value = str(torchrun["nproc_per_node"])
+    if value.isdigit():
+        return int(value)
+    if value in ("gpu", "auto"):
+        import torch
+
+        return torch.cuda.device_count() or (1 if value == "auto" else None)
+    return None
 
 
-def trainer_env(cfg: FinetuneConfig, run_id: str | None) -> dict[str, str]:
+def launches_torchrun(cfg: FinetuneConfig) -> bool:
+    torchrun = cfg.launch["torchrun"]
+    return int(torchrun["nnodes"]) > 1 or processes_per_node(torchrun) is None
+
+
+def trainer_commands(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = None) -> list[tuple[list[str], dict[str, str]]]:
+    """(argv, env) of every process this node starts."""
+    env = trainer_env(cfg, run_id, lock_fd)
+    if launches_torchrun(cfg):
+        return [(torchrun_argv(cfg.launch["torchrun"]) + trainer_argv(cfg.trainer), env)]
+    command = [sys.executable, "-m", "steps.train", *trainer_argv(cfg.trainer)]
+    world = processes_per_node(cfg.launch["torchrun"]) or 1
+    env[PARENT_PID_ENV] = str(os.getpid())  # the trainer ends when this flow does (steps.common.die_with_parent)
+    if world == 1:
+        return [(command, env)]
+    rendezvous = cfg.work_dir.parent / f".{cfg.work_dir.name}.rendezvous-{uuid.uuid4().hex}"
+    shared = {RENDEZVOUS_FILE: str(rendezvous), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+              "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}
+    return [(command, {**env, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(world)]
+
+
+def trainer_env(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = None) -> dict[str, str]:
     env = shell.python_env({
         "MLFLOW_TRACKING_URI": cfg.tracking_uri,  # absolute: every rank must write to the same store
         # `-m steps.train` must import this checkout's steps, whatever the project directory is.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(settings.CODE_ROOT), os.environ.get("PYTHONPATH")])),
     })
-    env.pop("MLFLOW_RUN_ID", None)
+    for key in ("MLFLOW_RUN_ID", WORK_DIR_LOCK_FD, PARENT_PID_ENV, RENDEZVOUS_FILE):
+        env.pop(key, None)
     if run_id is not None:
         env["MLFLOW_RUN_ID"] = run_id
+    if lock_fd is not None:
+        env[WORK_DIR_LOCK_FD] = str(lock_fd)  # the flow holds the work dir's lock; the trainer shares it
     return env
 
 
@@ -50,22 +91,25 @@ def read_status(work_dir: Path) -> dict:
         return {}
 
 
-def clear_status(work_dir: Path) -> None:
-    """A status left by an earlier run must not decide about this one."""
-    (work_dir / STATUS_FILE).unlink(missing_ok=True)
-
-
-def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line) -> None:
+def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str], None], lock_fd: int | None = None) -> None:
     """Run the trainer to the end, streaming its output to `on_line`; raise TrainerFailed when it fails."""
-    clear_status(cfg.work_dir)
-    returncode = shell.stream(trainer_command(cfg), cfg.project_dir, trainer_env(cfg, run_id), on_line)
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.work_dir / STATUS_FILE).unlink(missing_ok=True)  # a status left by an earlier run must not decide about this one
+    commands = trainer_commands(cfg, run_id, lock_fd)
+    on_line(f"launching: {' '.join(commands[0][0])}" + (f" (x{len(commands)} processes)" if len(commands) > 1 else ""))
+    try:
+        returncode = shell.stream_all(commands, cfg.project_dir, on_line, pass_fds=() if lock_fd is None else (lock_fd,))
+    finally:
+        for _, env in commands:
+            if RENDEZVOUS_FILE in env:
+                Path(env[RENDEZVOUS_FILE]).unlink(missing_ok=True)
     if returncode == 0:
         return
     status = read_status(cfg.work_dir)
     state = status.get("state")
-    if state in FINAL_STATES:
-        if state == "bad_input":
-            raise InputError(status.get("message") or "the trainer refused its input; see the log above")
+    if state == "bad_input":
+        raise InputError(status.get("message") or "the trainer refused its input; see the log above")
+    if state == "diverged":
         raise TrainerFailed(f"{status.get('message')} (not retried: it would diverge again)", retryable=False)
     raise TrainerFailed(f"trainer exited with status {returncode} (state {state or 'unknown'}); retried from its last "
                         "checkpoint while retries are left", retryable=True)

@@ -138,3 +138,66 @@ def run_stage(body: Callable[[], object], on_failure: Callable[[Exception, int],
         print(f"error: {exc}", file=sys.stderr)
         return status
     return 0
+
+
+# ----------------------------------------------------------------------------------------------- one writer per work dir
+
+WORK_DIR_LOCK_FD = "NLG_WORK_DIR_LOCK_FD"  # set by a launcher that already holds the lock and passed its descriptor on
+
+
+def lock_path(work_dir: str | os.PathLike) -> Path:
+    """`<parent>/.<name>.lock`: beside the work dir, not in it (the work dir is a DVC output; a PID would change its hash)."""
+    work_dir = Path(work_dir)
+    return work_dir.parent / f".{work_dir.name}.lock"
+
+
+def lock_work_dir(work_dir: str | os.PathLike) -> int:
+    """Take the work dir's exclusive lock for this process (and the children it passes the descriptor to).
+
+    An OS lock (flock): the kernel releases it when the last process holding the descriptor ends, however it
+    ends, so a stale lock never blocks. A second run on a locked work dir fails at once, naming the holder.
+    """
+    import fcntl
+
+    path = lock_path(work_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise InputError(f"another training (PID {holder}) is writing to this work dir; wait for it to finish or stop it "
+                         "(a crashed one releases it by itself)", work_dir) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def holds_inherited_lock() -> bool:
+    """True when a launcher (the finetune flow) holds the lock and passed its descriptor to this process."""
+    fd = os.environ.get(WORK_DIR_LOCK_FD)
+    if not fd or not fd.isdigit():
+        return False
+    try:
+        os.fstat(int(fd))
+    except OSError:
+        return False
+    return True
+
+
+PARENT_PID_ENV = "NLG_PARENT_PID"  # set by a launcher whose death must end this process
+
+
+def die_with_parent() -> None:
+    """When a launcher named itself in NLG_PARENT_PID: SIGTERM this process when the launcher ends (Linux), and
+    exit now if it already has. Armed here, in the child, because a preexec hook is unsafe in a threaded flow."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it died before the signal was armed
+        raise SystemExit(f"error: the launcher (PID {parent}) is gone; not training on")

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# A file that one node's processes rendezvous through (set by pipelines/trainer_launch.py for one node, many processes).
+RENDEZVOUS_FILE = "NLG_RENDEZVOUS_FILE"
 
 
 @dataclass
@@ -48,7 +52,12 @@ def setup_distributed(device_choice: str) -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        rendezvous = os.environ.get(RENDEZVOUS_FILE)
+        if rendezvous:  # the finetune flow's single-node launch: a file, no network listener
+            dist.init_process_group(backend, init_method=Path(rendezvous).resolve().as_uri(), rank=rank, world_size=world)
+        else:  # torchrun (several nodes): its TCP store, on the endpoint the user configured
+            dist.init_process_group(backend)
     return Dist(rank, world, device)
 
 

@@ -31,7 +31,16 @@ from tqdm import tqdm
 
 from steps import checkpoints as ckpt
 from steps import reports
-from steps.common import EXIT_BAD_INPUT, InputError, TrainingDiverged, run_stage, write_json
+from steps.common import (
+    EXIT_BAD_INPUT,
+    InputError,
+    TrainingDiverged,
+    die_with_parent,
+    holds_inherited_lock,
+    lock_work_dir,
+    run_stage,
+    write_json,
+)
 from steps.data import EpochPlan, collate, epoch_updates, load_splits, shard_sequential
 from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
 from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
@@ -367,6 +376,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> None:
+    die_with_parent()
+    if int(os.environ.get("RANK", "0")) == 0 and not holds_inherited_lock():
+        lock_work_dir(cfg.work_dir)  # held until this process ends; a second trainer on this work dir stops here
     env = setup_distributed(cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, env.device))  # resolved first: the fingerprint records it
     try:
