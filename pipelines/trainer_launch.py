@@ -15,7 +15,6 @@ a lost node, status still `running`) is retried, and the retry resumes from the 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import uuid
@@ -26,8 +25,7 @@ from pipelines import settings, shell
 from pipelines.finetune_config import FinetuneConfig, torchrun_argv, trainer_argv
 from steps.common import PARENT_PID_ENV, WORK_DIR_LOCK_FD, InputError
 from steps.distributed import RENDEZVOUS_FILE
-
-STATUS_FILE = "status.json"
+from steps.train_status import STATUS_FILE, read_status
 
 
 class TrainerFailed(RuntimeError):
@@ -82,13 +80,6 @@ def trainer_env(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = N
     if lock_fd is not None:
         env[WORK_DIR_LOCK_FD] = str(lock_fd)  # the flow holds the work dir's lock; the trainer shares it
     return env
-
-
-def read_status(work_dir: Path) -> dict:
-    try:
-        return json.loads((work_dir / STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str], None], lock_fd: int | None = None) -> None:

@@ -32,7 +32,6 @@ from tqdm import tqdm
 from steps import checkpoints as ckpt
 from steps import reports
 from steps.common import (
-    EXIT_BAD_INPUT,
     InputError,
     TrainingDiverged,
     die_with_parent,
@@ -49,9 +48,7 @@ from steps.model import GPT2, card
 from steps.optim import AdamW, build_scheduler, param_groups_for
 from steps.tracking import RunLogger
 from steps.train_config import TrainConfig, fingerprint, parse_config, resolve_max_step, setup_warnings
-
-STATUS_FILE = "status.json"
-
+from steps.train_status import record_failure, write_status
 
 # ---------------------------------------------------------------------------------------------- set-up
 
@@ -385,17 +382,6 @@ def train(cfg: TrainConfig) -> None:
         Trainer(cfg, env).fit()
     finally:
         shutdown(env)
-
-
-def write_status(work_dir: str | Path, state: str, exit_code: int | None = None, message: str = "") -> None:
-    """status.json: how the last run on this work dir ended, for the flow's retry decision (no times, no paths)."""
-    write_json(Path(work_dir) / STATUS_FILE, {"state": state, "exit_code": exit_code, "message": message})
-
-
-def record_failure(work_dir: str | None, exc: Exception, status: int) -> None:
-    """A failure that a rerun would repeat goes to status.json (rank 0), so the finetune flow does not retry it."""
-    if work_dir and Path(work_dir).is_dir() and int(os.environ.get("RANK", "0")) == 0:
-        write_status(work_dir, "bad_input" if status == EXIT_BAD_INPUT else "diverged", status, str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:

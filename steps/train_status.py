@@ -1,0 +1,33 @@
+"""`status.json` in the trainer's work dir: how the last run there ended, so a launcher can tell a failure that
+a retry would repeat (bad input, a diverged loss) from one it can fix (a crash, a kill: the state stays
+"running"). Written by rank 0; it holds no time and no path, so the work dir stays reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from steps.common import EXIT_BAD_INPUT, write_json
+
+STATUS_FILE = "status.json"
+STATES = ("running", "completed", "bad_input", "diverged")
+
+
+def write_status(work_dir: str | Path, state: str, exit_code: int | None = None, message: str = "") -> None:
+    write_json(Path(work_dir) / STATUS_FILE, {"state": state, "exit_code": exit_code, "message": message})
+
+
+def read_status(work_dir: str | Path) -> dict:
+    """The last status, or {} when there is none (never started) or it is unreadable (killed mid-write)."""
+    try:
+        return json.loads((Path(work_dir) / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def record_failure(work_dir: str | None, exc: Exception, status: int) -> None:
+    """A failure that a rerun would repeat goes to status.json (rank 0), so the finetune flow does not retry it."""
+    if work_dir and Path(work_dir).is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        write_status(work_dir, "bad_input" if status == EXIT_BAD_INPUT else "diverged", status, str(exc))
