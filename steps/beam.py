@@ -24,6 +24,7 @@ This module is plain PyTorch: the model is anything with `hidden(...)` and `logi
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -74,8 +75,12 @@ class BeamConfig:
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))  # a JSON list becomes a tuple
         if self.beam < 1 or self.eval_len < 1:
             raise ValueError(f"beam and eval_len must be >= 1 (got beam={self.beam}, eval_len={self.eval_len})")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (got {self.repetition_penalty})")
+        if not math.isfinite(self.length_penalty):  # nan made every score nan: all predictions came out empty
+            raise ValueError(f"length_penalty must be a finite number (got {self.length_penalty})")
+        if self.min_length < 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"min_length and no_repeat_ngram_size must be >= 0 (got {self.min_length}, {self.no_repeat_ngram_size})")
         if not self.eos_token_ids:
             raise ValueError("eos_token_ids must name at least one token")
 

@@ -286,7 +286,10 @@ def run(args: argparse.Namespace) -> str:
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     eos_ids = tuple(dict.fromkeys([*BeamConfig().eos_token_ids, *(args.eos_token_id or [])]))
-    cfg = BeamConfig.from_mapping({**vars(args), "eos_token_ids": eos_ids})
+    try:
+        cfg = BeamConfig.from_mapping({**vars(args), "eos_token_ids": eos_ids})
+    except ValueError as exc:  # before loading anything: a bad option costs a second, not a decode
+        raise InputError(f"bad search option: {exc}") from None
     model = load_for_inference(args.adapter, args.init_checkpoint, device, args.model_card, args.lora_dim,
                                args.lora_alpha, args.ignore_base_mismatch)
     if max(eos_ids) >= model.config.vocab_size:
