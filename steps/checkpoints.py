@@ -193,11 +193,30 @@ def load_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> tu
         config_path = path.with_name(ADAPTER_CONFIG)
         if not config_path.is_file():
             raise InputError(f"adapter config {ADAPTER_CONFIG} not found next to the weights", path)
-        config = json.loads(config_path.read_text())
-        if config.get("format") != ADAPTER_FORMAT or config.get("version") != ADAPTER_VERSION:
-            raise InputError(f"unsupported adapter format {config.get('format')!r} v{config.get('version')}", config_path)
+        config = read_adapter_config(config_path)
         return read_tensors(path), config
     return _import_original_adapter(path, lora_alpha)
+
+
+# What an adapter_config.json must hold for the adapter to be rebuilt (docs/adapter-format.md lists every field).
+REQUIRED_CONFIG_KEYS = {"model_card": str, "n_embd": int, "n_layer": int, "n_head": int, "r": int, "alpha": int | float,
+                        "targets": list}
+
+
+def read_adapter_config(config_path: Path) -> dict[str, Any]:
+    """adapter_config.json, checked: a damaged or incomplete one is an InputError naming what is wrong."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"unreadable adapter config ({exc}); restore it from the run's checkpoints/step_N/ or MLflow", config_path) from None
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT or config.get("version") != ADAPTER_VERSION:
+        found = (config.get("format"), config.get("version")) if isinstance(config, dict) else type(config).__name__
+        raise InputError(f"unsupported adapter format {found}; expected format {ADAPTER_FORMAT!r} version {ADAPTER_VERSION}", config_path)
+    bad = [key for key, kind in REQUIRED_CONFIG_KEYS.items() if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool)]
+    if bad:
+        raise InputError(f"adapter config lacks or has wrong types for {', '.join(bad)}; restore it from the run's checkpoints "
+                         "or MLflow", config_path)
+    return config
 
 
 def _import_original_adapter(path: Path, lora_alpha: float | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -207,7 +226,10 @@ def _import_original_adapter(path: Path, lora_alpha: float | None) -> tuple[dict
         raise InputError("no LoRA tensors (keys containing 'lora_A'/'lora_B') in this checkpoint", path)
     if lora_alpha is None:
         raise InputError("original-format LoRA checkpoints do not record alpha; pass --lora_alpha (the README used 32)", path)
-    a0 = tensors["h.0.attn.c_attn.lora_A"]
+    a0 = tensors.get("h.0.attn.c_attn.lora_A")
+    if a0 is None or a0.dim() != 2:
+        found = ", ".join(sorted(tensors)[:3])
+        raise InputError(f"expected the original trainer's keys (transformer.h.N.attn.c_attn.lora_A/B); found {found} ...", path)
     n_layer = len({k.split(".")[1] for k in tensors})
     n_embd, r = a0.shape[1], a0.shape[0] // 2
     model_card = next((name for name, c in CARDS.items() if c.n_embd == n_embd and c.n_layer == n_layer), None)
@@ -263,4 +285,9 @@ def save_resume_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The resume state; a damaged one (cut short by a full disk, say) is an InputError saying how to go on."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InputError(f"the resume state is damaged ({str(exc).splitlines()[0][:120]}); start over with --resume never "
+                         "(or remove it), or continue from the last adapter in checkpoints/step_N/", path) from None

@@ -71,3 +71,54 @@ def test_unknown_adapter_format_is_refused(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="unsupported adapter format"):
         load_adapter(tmp_path / "a")
+
+
+def saved_adapter(tmp_path):
+    model = trained_like_model()
+    save_adapter(model, tmp_path / "adapter", adapter_config(model, "gpt2.tiny", {"path": None, "sha256": None}, step=1))
+    return tmp_path / "adapter"
+
+
+@pytest.mark.parametrize(("damage", "match"), [
+    (lambda text: text[: len(text) // 2], "unreadable adapter config"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "r"}), "lacks or has wrong types for r"),
+    (lambda text: json.dumps({**json.loads(text), "targets": "q,v"}), "lacks or has wrong types for targets"),
+])
+def test_damaged_adapter_config_is_a_clear_error(tmp_path, damage, match):
+    adapter = saved_adapter(tmp_path)
+    config = adapter / "adapter_config.json"
+    config.write_text(damage(config.read_text()))
+    with pytest.raises(InputError, match=match):
+        load_adapter(adapter)
+
+
+def test_original_checkpoint_with_other_keys_is_a_clear_error(tmp_path):
+    path = tmp_path / "model.10.pt"
+    torch.save({"transformer.h.0.attn.c_attn.lora_X": torch.zeros(8, 64)}, path)
+    with pytest.raises(InputError, match="expected the original trainer's keys"):
+        load_adapter(path, lora_alpha=32)
+
+
+def test_every_adapter_save_gives_the_same_bytes(tmp_path):
+    """DVC and users compare adapters by hash: safetensors' metadata order used to vary from process to process."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from steps.checkpoints import adapter_config, save_adapter; from steps.lora import LoRAConfig; "
+              "from steps.model import CARDS, GPT2; torch.manual_seed(0); m = GPT2(CARDS['gpt2.tiny'], LoRAConfig(r=4, alpha=32)); "
+              "save_adapter(m, sys.argv[1], adapter_config(m, 'gpt2.tiny', {'path': None, 'sha256': None}, step=3))")
+    digests = set()
+    for i in range(6):  # separate processes: the order of a hash map changes between them, not within one
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True)
+        digests.add(hashlib.sha256((tmp_path / str(i) / "adapter.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
+def test_truncated_resume_state_is_a_clear_error(tmp_path):
+    from steps.checkpoints import load_resume_state, save_resume_state
+
+    save_resume_state(tmp_path / "state.pt", {"step": 3, "weights": torch.zeros(1000)})
+    data = (tmp_path / "state.pt").read_bytes()
+    (tmp_path / "state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"the resume state is damaged.*--resume never"):
+        load_resume_state(tmp_path / "state.pt")
