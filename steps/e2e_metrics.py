@@ -9,7 +9,8 @@ E2E (`tuetschek/e2e-metrics`, `measure_scores.py -p`, the form the LoRA README r
     ROUGE-L and CIDEr-D are re-implemented here (checked against `pycocoevalcap` in the tests) because they are
     short and ours are several times faster.
 WebNLG / DART (the GenerationEval script the LoRA README points to): BLEU (multi-bleu-detok: mteval tokenisation,
-case-sensitive, no smoothing), METEOR 1.5 and TER (pyter's greedy shift search, as GenerationEval uses it).
+case-sensitive, no smoothing), METEOR 1.5 and TER (pyter's greedy shift search, as GenerationEval uses it), the
+last two on nltk's word tokens (`genevel_tokenize`).
 
 All scores are fractions (BLEU 0.6593, not 65.93), as the E2E scorer prints them. This module is plain Python:
 no MLflow, Prefect or DVC.
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from steps.common import InputError
+from steps.genevel_tokenize import tokenized_line
 
 Tokens = list[str]
 NGram = tuple[str, ...]
@@ -388,9 +390,15 @@ class Meteor:
             raise RuntimeError(f"METEOR exited unexpectedly (exit {self.process.returncode}; is the heap too small?): {err}")
         return line.decode("utf-8").strip()
 
-    def corpus_score(self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
-        """Return (corpus METEOR, per-instance METEOR)."""
-        score_lines = [_meteor_score_line(h, refs) for h, refs in zip(hypotheses, references, strict=True)]
+    def corpus_score(
+        self, hypotheses: Sequence[str], references: Sequence[Sequence[str]], keep_pipes: bool = False
+    ) -> tuple[float, list[float]]:
+        """Return (corpus METEOR, per-instance METEOR).
+
+        Each instance's references are scored in the order given and METEOR keeps the first best one, so the order
+        (and an empty reference) can change the corpus score. `keep_pipes`: see `_meteor_field`.
+        """
+        score_lines = [_meteor_score_line(h, refs, keep_pipes) for h, refs in zip(hypotheses, references, strict=True)]
 
         # Write all SCORE lines from a thread while this one reads the answers, so neither pipe can fill up.
         def feed() -> None:
@@ -424,14 +432,25 @@ class Meteor:
         self.close()
 
 
-def _meteor_score_line(hypothesis: str, references: Sequence[str]) -> bytes:
+def _meteor_score_line(hypothesis: str, references: Sequence[str], keep_pipes: bool = False) -> bytes:
     """`SCORE ||| ref1 ||| ... ||| hyp`; the field separator must not appear inside a text."""
-
-    def clean(text: str) -> str:
-        return _LINE_BREAKS.sub(" ", text.replace("|||", "")).replace("  ", " ")
-
-    fields = ["SCORE", *(clean(r) for r in references), clean(hypothesis)]
+    fields = ["SCORE", *(_meteor_field(r, keep_pipes) for r in references), _meteor_field(hypothesis, keep_pipes)]
     return (" ||| ".join(fields) + "\n").encode("utf-8")
+
+
+_SPACE_RUN = re.compile(" {2,}")
+
+
+def _meteor_field(text: str, keep_pipes: bool) -> str:
+    """One text as a field of METEOR's stdio protocol: one line, with no `|||` (the field separator) inside.
+
+    keep_pipes=False deletes `|||`, as pycocoevalcap (the E2E scorer) does. keep_pipes=True stands every `|` alone
+    instead: with -norm METEOR makes each `|` a token of its own anyway, so these are the tokens its file mode (the
+    one GenerationEval runs) sees for the unchanged text, and no `|||` is left.
+    """
+    if keep_pipes:
+        return _SPACE_RUN.sub(" ", _LINE_BREAKS.sub(" ", text).replace("|", " | ")).strip(" ")
+    return _LINE_BREAKS.sub(" ", text.replace("|||", "")).replace("  ", " ")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -627,11 +646,12 @@ def ter_edits(hypothesis: Sequence[str], reference: Sequence[str]) -> int:
 def sentence_ter(hypothesis: str, references: Sequence[str]) -> float:
     """min over references of edits / reference length (whitespace tokens), as GenerationEval's pyter loop does.
 
-    An empty reference scores 1, as there.
+    An empty reference scores 1, as there (so it wins over references the output is further from). A repeated
+    reference is scored once (decode pads instances with copies of their first reference).
     """
     hyp = hypothesis.split()
     best = math.inf
-    for reference in references:
+    for reference in dict.fromkeys(references):
         ref = reference.split()
         best = min(best, ter_edits(hyp, ref) / len(ref) if ref else 1.0)
     return best
@@ -705,8 +725,10 @@ def generation_scores(
 ) -> dict[str, object]:
     """WebNLG / DART metrics as GenerationEval computes them: BLEU (multi-bleu-detok), METEOR 1.5, TER.
 
-    GenerationEval feeds METEOR and TER with nltk.word_tokenize'd text; we split on whitespace, which is the same
-    for the `--tokenize --lower` output the LoRA recipe scores (every non-word character already stands alone).
+    Texts are the lines as read, and each instance's references are all of its lines in reference0..N-1 in file
+    order, empty ones included: BLEU counts an empty reference as a 0-word reference, TER scores it 1, METEOR
+    scores it like any other. BLEU tokenises the raw lines itself; METEOR and TER get nltk 3.5's word tokens
+    (`genevel_tokenize`), as GenerationEval gives them.
     """
     step = progress or (lambda label: None)
     _check_instances(hypotheses, references)
@@ -716,12 +738,12 @@ def generation_scores(
         step("BLEU")
         scores["BLEU"] = corpus_bleu(hypotheses, references, variant="multi-bleu-detok")
         step("TER")
-        scores["TER"] = mean_ter(hypotheses, references)
+        hyp_words = [tokenized_line(h) for h in hypotheses]
+        ref_words = [[tokenized_line(r) for r in refs] for refs in references]
+        scores["TER"] = mean_ter(hyp_words, ref_words)
         if meteor is not None:
             step("METEOR")
-            hyp_words = [" ".join(h.split()) for h in hypotheses]
-            ref_words = [[" ".join(r.split()) for r in refs] for refs in references]
-            scores["METEOR"] = meteor.corpus_score(hyp_words, ref_words)[0]
+            scores["METEOR"] = meteor.corpus_score(hyp_words, ref_words, keep_pipes=True)[0]
     return {name: scores[name] for name in GENERATION_METRICS if name in scores}
 
 

@@ -38,14 +38,36 @@ REFERENCE_FILE = re.compile(r"reference(\d+)")
 
 
 def read_text_lines(path: Path) -> list[str]:
-    """Stripped lines of a UTF-8 text file (a final newline does not add an empty line)."""
-    if not path.is_file():
-        raise InputError("file not found; check the path (did the decode stage run?)", path)
+    """Stripped lines of a UTF-8 text file (a final newline does not add an empty line), as the E2E scorer reads."""
+    _check_file(path)
     try:
         with open(path, encoding="utf-8", newline=None) as f:
             return [line.strip() for line in f]
     except UnicodeDecodeError as exc:
         raise InputError(f"invalid UTF-8 ({exc.reason} at byte {exc.start}); re-save the file as UTF-8", path) from None
+
+
+def read_raw_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 text file as GenerationEval and multi-bleu-detok.perl see them: split at "\\n" only and not
+    stripped (a final newline ends the last line; it does not add an empty one).
+
+    Carriage returns and Unicode spaces stay in the text, for each metric to treat as its original does: the Perl
+    BLEU script splits words at ASCII whitespace only (a no-break space is part of a word), nltk at any whitespace.
+    """
+    _check_file(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"invalid UTF-8 ({exc.reason} at byte {exc.start}); re-save the file as UTF-8", path) from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise InputError("file not found; check the path (did the decode stage run?)", path)
 
 
 def read_grouped_references(path: Path) -> list[list[str]]:
@@ -99,17 +121,30 @@ def _find_column(columns: Sequence[str], pattern: re.Pattern[str], what: str, pa
 def read_reference_dir(path: Path) -> list[list[str]]:
     """WebNLG/DART references: files reference0..referenceN-1, line j of each holding one reference of instance j.
 
-    gpt2_decode pads instances with fewer references by repeating reference 0; duplicates and empty lines are
-    dropped here (no metric we compute changes with a duplicate reference).
+    Instance j gets line j of every file, in file order, as GenerationEval passes them: copies (gpt2_decode pads
+    instances with fewer references by repeating reference 0) and blank lines (GenerationEval's own layout pads
+    them with blank lines) included, because they count: multi-bleu-detok takes a blank reference as a 0-word one
+    when it picks the closest reference length, GenerationEval's TER scores it 1, and METEOR keeps the first of
+    equally good references. An instance that is blank in every file has no reference at all and is refused.
     """
     files = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := REFERENCE_FILE.fullmatch(p.name)))
     if not files or files[0][0] != 0:
         raise InputError("expected files reference0, reference1, ... (one reference per line each), as gpt2_decode writes them", path)
-    columns = [read_text_lines(p) for _, p in files]
+    columns = [read_raw_lines(p) for _, p in files]
     for (_, p), column in zip(files, columns):
         if len(column) != len(columns[0]):
             raise InputError(f"has {len(column)} lines but {files[0][1].name} has {len(columns[0])}; every reference file needs one line per instance", p)
-    return [list(dict.fromkeys(ref for ref in row if ref)) for row in zip(*columns)]
+    rows = [list(row) for row in zip(*columns)]
+    blank = next((j for j, row in enumerate(rows) if not any(ref.strip() for ref in row)), None)
+    if blank is not None:
+        names = ", ".join(p.name for _, p in files)
+        raise InputError(
+            f"line {blank + 1} is blank in every reference file ({names}), so instance {blank + 1} has no reference; "
+            "each instance needs a reference in at least one file (are the files misaligned, or is an instance left over?)",
+            files[0][1],
+            blank + 1,
+        )
+    return rows
 
 
 def load_references(ref_path: Path, ref_type: str) -> tuple[list[list[str]], list[str] | None]:
@@ -126,9 +161,12 @@ def load_references(ref_path: Path, ref_type: str) -> tuple[list[list[str]], lis
     return read_reference_dir(ref_path), None
 
 
-def read_predictions(path: Path) -> list[str]:
-    """One prediction per line; empty lines are (empty) predictions, as in the scorer."""
-    predictions = read_text_lines(path)
+def read_predictions(path: Path, raw: bool = False) -> list[str]:
+    """One prediction per line; empty lines are (empty) predictions, as in the scorer.
+
+    raw=True (WebNLG/DART) keeps the lines unstripped, as GenerationEval reads them (see `read_raw_lines`).
+    """
+    predictions = read_raw_lines(path) if raw else read_text_lines(path)
     if not predictions:
         raise InputError("the prediction file is empty; expected one prediction per line (did the decode stage finish?)", path)
     return predictions
@@ -171,6 +209,17 @@ def read_contexts(path: Path, n_instances: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def all_empty_warning(predictions: Sequence[str], pred_path: Path) -> str | None:
+    """One line for stderr when every prediction is empty: the scores are then valid but say nothing about a model
+    (typically decode stopped every output at once, or the wrong file was given)."""
+    if any(p.strip() for p in predictions):
+        return None
+    return (
+        f"warning: every prediction in {pred_path} is empty ({len(predictions)} lines); the scores below are those of "
+        "empty outputs (check the decode stage's outputs and options)"
+    )
+
+
 def format_scores(scores: dict[str, Any], names: Sequence[str]) -> str:
     """The scorer's block: `SCORES:`, a rule, one `NAME: x.xxxx` line per metric, a blank line."""
     lines = ["SCORES:", "=============="]
@@ -185,10 +234,15 @@ def build_table(contexts: Sequence[str] | None, predictions: Sequence[str], refe
     return pandas.DataFrame(
         {
             "context": list(contexts) if contexts is not None else [""] * len(predictions),
-            "prediction": list(predictions),
-            "references": ["\n".join(refs) for refs in references],
+            "prediction": [p.strip() for p in predictions],
+            "references": ["\n".join(distinct_references(refs)) for refs in references],
         }
     )
+
+
+def distinct_references(references: Sequence[str]) -> list[str]:
+    """An instance's references for people to read: stripped, without blanks and repeats, in order."""
+    return list(dict.fromkeys(ref.strip() for ref in references if ref.strip()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +260,7 @@ def load_inputs(ref_path: Path, pred_path: Path, ref_type: str = "e2e", with_met
     if with_meteor and not e2e_metrics.java_available():
         raise InputError("`java` was not found on PATH. " + e2e_metrics.JAVA_HINT)
     references, mrs = load_references(ref_path, ref_type)
-    predictions = read_predictions(pred_path)
+    predictions = read_predictions(pred_path, raw=ref_type != "e2e")
     check_counts(predictions, references, pred_path, ref_path)
     contexts = read_contexts(predictions_jsonl, len(references)) if predictions_jsonl else mrs
     return predictions, references, contexts
@@ -270,6 +324,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     inputs = load_inputs(args.ref_file, args.pred_file, args.ref_type, not args.no_meteor, args.predictions)
+    warning = all_empty_warning(inputs[0], args.pred_file)
+    if warning:
+        print(warning, file=sys.stderr)
     labels = ["BLEU", "NIST", "PTB tokenisation", "METEOR", "ROUGE_L", "CIDEr"] if args.ref_type == "e2e" else ["BLEU", "TER", "METEOR"]
     if args.no_meteor:
         labels.remove("METEOR")

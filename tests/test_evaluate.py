@@ -141,14 +141,49 @@ def test_webnlg_reference_directory(tmp_path: Path) -> None:
     write(ref_dir / "reference0", "the cat sat on the mat\nx y z w\n")
     write(ref_dir / "reference1", "a cat sat on the mat\nx y z w\n")  # instance 2 padded with its reference 0
     preds = write(tmp_path / "preds.txt", "the cat sat on the mat\nw x y z\n")
-    assert evaluate.read_reference_dir(ref_dir) == [["the cat sat on the mat", "a cat sat on the mat"], ["x y z w"]]
-    record, _ = evaluate.evaluate(ref_dir, preds, ref_type="webnlg", with_meteor=False)
+    # Every file's line, in file order, copies included (METEOR's choice among equal references depends on order).
+    assert evaluate.read_reference_dir(ref_dir) == [["the cat sat on the mat", "a cat sat on the mat"], ["x y z w", "x y z w"]]
+    record, table = evaluate.evaluate(ref_dir, preds, ref_type="webnlg", with_meteor=False)
     # TER: instance 1 exact (0), instance 2 one shift of "w" over 4 words -> mean 1/8.
     assert record["TER"] == pytest.approx(1 / 8)
     assert set(record) >= {"BLEU", "TER", "n_instances"} and "METEOR" not in record and "NIST" not in record
     assert record["BLEU"] == pytest.approx(e2e_metrics.corpus_bleu(
         ["the cat sat on the mat", "w x y z"], [["the cat sat on the mat", "a cat sat on the mat"], ["x y z w"]],
         variant="multi-bleu-detok"))  # fmt: skip
+    assert table["references"][1] == "x y z w"  # people read each distinct reference once
+
+
+def test_webnlg_blank_padding_counts_as_in_generationeval(tmp_path: Path) -> None:
+    # GenerationEval's layout: instances with fewer references are padded with blank lines (here " " and "").
+    ref_dir = tmp_path / "refs"
+    ref_dir.mkdir()
+    write(ref_dir / "reference0", "a b c d e f g h i j\na b c d e f g h i j\na\n")
+    write(ref_dir / "reference1", " \nx\n\n")
+    preds = write(tmp_path / "preds.txt", "a b c d\na b c d\nx y z\n")
+    record, _ = evaluate.evaluate(ref_dir, preds, ref_type="webnlg", with_meteor=False)
+    # BLEU: the closest reference lengths are 0 (the blank one), 1 ("x") and 1 ("a"): r = 2 < c = 11, BP = 1;
+    # hits/totals per order 8/11, 6/8, 4/5, 2/2. (multi-bleu-detok.perl on these files prints 81.2759656403.)
+    assert record["BLEU"] == pytest.approx((8 / 11 * 6 / 8 * 4 / 5 * 2 / 2) ** 0.25, rel=1e-12)
+    assert record["BLEU"] == pytest.approx(0.812759656403, abs=1e-12)
+    # TER: 6 edits / 10 words for the first two; "x y z" is 3 edits from "a" but 1 from the blank reference.
+    assert record["TER"] == pytest.approx((0.6 + 0.6 + 1.0) / 3, rel=1e-12)
+
+
+def test_webnlg_lines_are_read_as_generationeval_reads_them(tmp_path: Path) -> None:
+    ref_dir = tmp_path / "refs"
+    ref_dir.mkdir()
+    (ref_dir / "reference0").write_bytes(b"a b c d e\r\n")
+    preds = tmp_path / "preds.txt"
+    preds.write_bytes("\u2009a b c d e\r\n".encode())  # a leading thin space, CRLF
+    record, _ = evaluate.evaluate(ref_dir, preds, ref_type="webnlg", with_meteor=False)
+    # The Perl BLEU script reads bytes: the thin space is part of the word "<THIN SPACE>a", so p = 4/5, 3/4, 2/3, 1/2
+    # (it prints 66.8740304976); nltk splits at it, so TER sees the reference's own words.
+    assert record["BLEU"] == pytest.approx((4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25, rel=1e-12)
+    assert record["TER"] == 0.0
+    # Lines end at "\n" only, as in both originals; nothing is stripped.
+    lone_cr = write(tmp_path / "cr.txt", "a\rb\n c \n")
+    assert evaluate.read_predictions(lone_cr, raw=True) == ["a\rb", " c "]
+    assert evaluate.read_predictions(lone_cr) == ["a", "b", "c"]  # the E2E scorer's reading
 
 
 def test_webnlg_reference_directory_errors(tmp_path: Path) -> None:
@@ -162,6 +197,10 @@ def test_webnlg_reference_directory_errors(tmp_path: Path) -> None:
         evaluate.read_reference_dir(ref_dir)
     with pytest.raises(InputError, match="must be a directory"):
         evaluate.load_references(ref_dir / "reference0", "dart")
+    write(ref_dir / "reference0", "a\n \n")
+    write(ref_dir / "reference1", "b\n\n")
+    with pytest.raises(InputError, match=r"reference0:2: line 2 is blank in every reference file \(reference0, reference1\)"):
+        evaluate.read_reference_dir(ref_dir)
     with pytest.raises(InputError, match="--ref_type webnlg"):
         evaluate.load_references(ref_dir, "e2e")
 
@@ -189,6 +228,27 @@ def test_empty_prediction_file(tmp_path: Path, capsys) -> None:
     assert evaluate.main([str(refs), str(preds), "--no_meteor"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "prediction file is empty" in err
+
+
+@pytest.mark.parametrize("ref_type", ["e2e", "webnlg"])
+def test_all_empty_predictions_are_scored_with_a_one_line_warning(tmp_path: Path, capsys, ref_type: str) -> None:
+    if ref_type == "e2e":
+        refs = write(tmp_path / "refs.txt", "a b\n\nc d\n")
+    else:
+        refs = tmp_path / "refs"
+        refs.mkdir()
+        write(refs / "reference0", "a b\nc d\n")
+    preds = write(tmp_path / "preds.txt", "\n \t\n")
+    assert evaluate.main([str(refs), str(preds), "--no_meteor", "--ref_type", ref_type]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: every prediction in {preds} is empty (2 lines); the scores below are those of empty outputs "
+                        "(check the decode stage's outputs and options)"]  # fmt: skip
+    assert "BLEU: 0.0000" in captured.out
+    # One non-empty prediction is enough to silence it.
+    write(preds, "\nc d\n")
+    assert evaluate.main([str(refs), str(preds), "--no_meteor", "--ref_type", ref_type]) == 0
+    assert "warning:" not in capsys.readouterr().err
 
 
 def test_empty_lines_are_empty_predictions(tmp_path: Path) -> None:

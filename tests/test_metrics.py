@@ -289,6 +289,20 @@ def test_ter_by_hand() -> None:
     assert m.mean_ter(["a b c d", "a x c"], [["c d a b"], ["a b c"]]) == pytest.approx((1 / 4 + 1 / 3) / 2)
 
 
+def test_ter_an_empty_reference_wins_when_the_output_is_far_from_the_others() -> None:
+    # Against "a": 1 substitution + 2 deletions over 1 word = 3; against the blank reference: 1.
+    assert m.sentence_ter("x y z", ["a", " "]) == 1.0
+    assert m.sentence_ter("x y z", ["a"]) == 3.0
+
+
+def test_generation_ter_sees_nltk_tokens() -> None:
+    # GenerationEval tokenises with nltk before TER: "cannot" is "can not", a straight quote is ``, so these are
+    # exact matches there (TER 0); split on whitespace each would cost 2 edits over 4 reference words.
+    scores = m.generation_scores(["we cannot go", '" the tower "'], [["we can not go"], ["`` the tower ``"]], with_meteor=False)
+    assert scores["TER"] == 0.0
+    assert m.mean_ter(["we cannot go", '" the tower "'], [["we can not go"], ["`` the tower ``"]]) == pytest.approx((2 / 4 + 2 / 4) / 2)
+
+
 def test_ter_never_exceeds_plain_edit_rate() -> None:
     hyps, refs = _random_corpus(3, n=30)
     for hyp, ref_set in zip(hyps, refs):
@@ -329,6 +343,38 @@ def test_meteor_is_corpus_level_and_orders_outputs() -> None:
     assert worse < perfect
     # Corpus-level aggregation of statistics is not the mean of the sentence scores.
     assert uneven != pytest.approx(sum(uneven_parts) / 2, abs=1e-6)
+
+
+def test_meteor_field_keeps_pipes_as_tokens_without_the_separator() -> None:
+    # GenerationEval's file mode keeps "|||" (METEOR's -norm makes each "|" a token); the stdio protocol needs it gone.
+    assert m._meteor_field("a|||||b ||| c", keep_pipes=True) == "a | | | | | b | | | c"
+    assert m._meteor_field("a ||| b", keep_pipes=False) == "a b"  # pycocoevalcap (E2E) deletes it
+
+
+@needs_java
+def test_meteor_keeps_pipes_like_genevals_file_mode() -> None:
+    # With -norm the file mode sees "zork ||| quux" as the five tokens of the reference: a perfect match, 1.0.
+    with m.Meteor() as meteor:
+        kept, _ = meteor.corpus_score(["zork ||| quux"], [["zork | | | quux"]], keep_pipes=True)
+        dropped, _ = meteor.corpus_score(["zork ||| quux"], [["zork | | | quux"]])
+    assert kept == 1.0
+    assert dropped < 0.5
+
+
+@needs_java
+def test_meteor_keeps_the_first_best_reference_even_when_it_is_empty() -> None:
+    # Instance 2 matches nothing; METEOR keeps the first of its equally bad references. Corpus statistics: the exact
+    # match of instance 1 adds no fragmentation (chunks only count for imperfect segments), so METEOR = Fmean =
+    # P R / (0.15 R + 0.85 P) with P = 4 matches / 5 output words and R = 4 / (4 + length of the kept reference).
+    def fmean(p: float, r: float) -> float:
+        return p * r / (0.15 * r + 0.85 * p)
+
+    hyps = ["zork quux blarg frob", "xyzzy"]
+    with m.Meteor() as meteor:
+        blank_first, _ = meteor.corpus_score(hyps, [["zork quux blarg frob"], [" ", "plugh plover"]], keep_pipes=True)
+        words_first, _ = meteor.corpus_score(hyps, [["zork quux blarg frob"], ["plugh plover", " "]], keep_pipes=True)
+    assert blank_first == pytest.approx(fmean(4 / 5, 4 / 4), rel=1e-12)
+    assert words_first == pytest.approx(fmean(4 / 5, 4 / 6), rel=1e-12)
 
 
 @needs_java
