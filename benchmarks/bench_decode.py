@@ -296,7 +296,11 @@ def print_report(rows: list[dict[str, Any]], context: dict[str, Any], machine: d
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_stage(lambda: run(args))
+    threads = torch.get_num_threads()
+    try:
+        return run_stage(lambda: run(args))
+    finally:
+        torch.set_num_threads(threads)  # --threads is for this run only: a caller in the same process keeps its own
 
 
 def run(args: argparse.Namespace) -> None:
