@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from pipelines import mlflow_run, packaging, trainer_launch
+from pipelines import mlflow_run, packaging, trainer_launch, work_dir
 from pipelines.finetune_config import FinetuneConfig, load_config
 from steps.common import lock_work_dir
 
@@ -73,9 +73,13 @@ def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides
             train_with_retries(cfg, run_id, lock_fd)
             summary = json.loads((cfg.work_dir / "summary.json").read_text(encoding="utf-8"))
             version = register(cfg, run_id, summary)
-        except BaseException:
+        except BaseException as exc:
             mlflow_run.mark_failed(cfg, run_id)
+            if not trainer_launch.is_retryable(exc) and work_dir.restore_previous(cfg.work_dir):
+                # Refused or diverged: a rerun would fail the same way, so the last good outputs come back.
+                get_run_logger().info(f"the previous run's outputs are back in {cfg.work_dir}")
             raise
+        work_dir.drop_previous(cfg.work_dir)
     finally:
         os.close(lock_fd)
     result = {

@@ -9,7 +9,6 @@ outputs in the work dir are removed and a fresh run starts.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import time
 from dataclasses import replace
@@ -20,15 +19,12 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Param
 
-from pipelines import settings
+from pipelines import settings, work_dir
 from pipelines.finetune_config import FinetuneConfig, trainer_argv, world_size
 from steps.common import InputError
 from steps.tracking import read_run_file, write_run_file
 from steps.train_config import fingerprint, fingerprint_digest, parse_config
 
-# Files the trainer writes in --work_dir (docs/architecture.md "Trainer outputs"): the only things we ever delete.
-TRAINER_OUTPUTS = ["adapter.safetensors", "adapter_config.json", "model.safetensors", "best", "checkpoints", "resume",
-                   "train_log.csv", "valid_log.csv", "summary.json", "status.json"]
 RESUMABLE_STATUSES = {"RUNNING", "FAILED", "KILLED"}
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 # Opens the experiment on its training runs in UIs that read it (MLflow's experiment-kind tag).
@@ -120,16 +116,6 @@ def resumable_run(client: MlflowClient, cfg: FinetuneConfig, fingerprint: str) -
     return None
 
 
-def clean_work_dir(work_dir: Path) -> None:
-    """Remove a previous training's outputs (only the trainer's own files), so the trainer starts fresh."""
-    for name in TRAINER_OUTPUTS:
-        target = work_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
 def log_params_once(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
     """Log params in batches; on a resumed run, skip those already there (MLflow refuses to change a param)."""
     present = client.get_run(run_id).data.params
@@ -147,7 +133,7 @@ def start_or_resume(cfg: FinetuneConfig, inputs: dict[str, Any], flow_run: Any =
     if resumed:
         client.update_run(run_id, status="RUNNING")
     else:
-        clean_work_dir(cfg.work_dir)
+        work_dir.set_aside(cfg.work_dir)  # kept until this run succeeds (pipelines/work_dir.py)
         name = f"{cfg.trainer['model_card']}-r{cfg.trainer.get('lora_dim', 0)}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = client.create_run(experiment_id, run_name=name).info.run_id
     log_params_once(client, run_id, {**settings.flatten(cfg.params), **inputs})

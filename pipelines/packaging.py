@@ -8,9 +8,13 @@ loading finds them).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,27 @@ from mlflow import MlflowClient
 from pipelines.finetune_config import FinetuneConfig
 from steps.common import InputError, iter_jsonl
 from steps.tokenizer import EOS_ID
+
+
+@contextlib.contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` for one block, then put back as it was: its tracking/registry URIs (which
+    it keeps in environment variables) and sys.path (loading the model to check its input example adds the
+    model's code dir). The flow may run inside a longer-lived process (a test, a Prefect worker)."""
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_path = list(sys.path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])  # None: back to "not set" (MLflow then unsets the variable)
+        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+        sys.path[:] = saved_path
+
 
 PYFUNC_MODEL_FILE = Path(__file__).resolve().with_name("pyfunc_model.py")
 STEPS_DIR = Path(__file__).resolve().parents[1] / "steps"
@@ -102,8 +127,6 @@ def log_and_register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) 
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_registry_uri(cfg.tracking_uri)
     adapter_files = ["adapter.safetensors", "adapter_config.json"]
     missing = [name for name in adapter_files if not (cfg.work_dir / name).is_file()]
     if missing:
@@ -120,9 +143,10 @@ def log_and_register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) 
         adapter_dir.mkdir()
         for name in adapter_files:
             shutil.copy2(cfg.work_dir / name, adapter_dir / name)
-        # log_model needs the fluent (thread-local) active run. Leaving this block marks the run FINISHED,
-        # or FAILED if logging or registration raised: it is the flow's last step on purpose.
-        with mlflow.start_run(run_id=run_id):
+        # log_model needs the fluent API, whose store is process-wide: fluent_store sets it for this block only.
+        # Leaving the run block marks the run FINISHED, or FAILED if logging or registration raised: it is the
+        # flow's last step on purpose.
+        with fluent_store(cfg.tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="adapter",
                 python_model=str(PYFUNC_MODEL_FILE),

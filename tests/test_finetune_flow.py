@@ -235,6 +235,26 @@ def kill_trainer_after_first_checkpoint(project: Path, work_dir: str, killed: li
 
 
 @pytest.mark.slow
+def test_a_run_the_trainer_refuses_exits_2_at_once_and_keeps_the_previous_adapter(first_run, project, capsys):
+    """A LoRA rank above the model width passes the params check (the card's width is the trainer's to know): the
+    trainer refuses it (status.json says bad_input), the flow does not retry, exits 2, and the last good outputs
+    are back in the work dir."""
+    from pipelines.finetune import main
+
+    adapter = project / "models/first/adapter.safetensors"
+    before = adapter.read_bytes()
+    started = time.monotonic()
+    code = main(["--params", str(first_run["params_file"]), "--project_dir", str(project), "--set", "finetune.lora_dim=100000",
+                 "--set", "flow.retry_delay_seconds=30"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--lora_dim 100000 exceeds the model width" in err
+    assert time.monotonic() - started < 30 + 60  # no retry (its delay alone would be 30 s per retry)
+    assert adapter.read_bytes() == before
+    assert (project / "models/first/summary.json").is_file() and not (project / "models/.first.previous").exists()
+
+
+@pytest.mark.slow
 def test_killed_trainer_is_retried_resumes_and_matches_the_uninterrupted_run(first_run, project):
     import torch
     from prefect import get_client
@@ -378,7 +398,7 @@ def test_tracking_uri_is_made_absolute_and_env_wins(tmp_path, monkeypatch):
 
 
 def test_clean_work_dir_removes_only_trainer_outputs(tmp_path):
-    from pipelines.mlflow_run import clean_work_dir
+    from pipelines.work_dir import clean_work_dir
 
     for name in ("adapter.safetensors", "summary.json", "checkpoints/step_4/adapter.safetensors", "resume/state.pt", "notes.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
