@@ -728,7 +728,9 @@ def generation_scores(
     Texts are the lines as read, and each instance's references are all of its lines in reference0..N-1 in file
     order, empty ones included: BLEU counts an empty reference as a 0-word reference, TER scores it 1, METEOR
     scores it like any other. BLEU tokenises the raw lines itself; METEOR and TER get nltk 3.5's word tokens
-    (`genevel_tokenize`), as GenerationEval gives them.
+    (`genevel_tokenize`), as GenerationEval gives them, each distinct one once: a repeat scores exactly as its first
+    occurrence, and METEOR keeps the first best reference, so dropping later repeats changes nothing (and decode's
+    padding with copies of reference 0 would otherwise double METEOR's work).
     """
     step = progress or (lambda label: None)
     _check_instances(hypotheses, references)
@@ -739,7 +741,7 @@ def generation_scores(
         scores["BLEU"] = corpus_bleu(hypotheses, references, variant="multi-bleu-detok")
         step("TER")
         hyp_words = [tokenized_line(h) for h in hypotheses]
-        ref_words = [[tokenized_line(r) for r in refs] for refs in references]
+        ref_words = [list(dict.fromkeys(tokenized_line(r) for r in dict.fromkeys(refs))) for refs in references]
         scores["TER"] = mean_ter(hyp_words, ref_words)
         if meteor is not None:
             step("METEOR")

@@ -121,11 +121,11 @@ def _find_column(columns: Sequence[str], pattern: re.Pattern[str], what: str, pa
 def read_reference_dir(path: Path) -> list[list[str]]:
     """WebNLG/DART references: files reference0..referenceN-1, line j of each holding one reference of instance j.
 
-    Instance j gets line j of every file, in file order, as GenerationEval passes them: copies (gpt2_decode pads
+    Instance j gets line j of every file, in file order, as GenerationEval passes them, copies (gpt2_decode pads
     instances with fewer references by repeating reference 0) and blank lines (GenerationEval's own layout pads
-    them with blank lines) included, because they count: multi-bleu-detok takes a blank reference as a 0-word one
-    when it picks the closest reference length, GenerationEval's TER scores it 1, and METEOR keeps the first of
-    equally good references. An instance that is blank in every file has no reference at all and is refused.
+    them with blank lines) included. Blank references count there: multi-bleu-detok takes one as a 0-word
+    reference when it picks the closest reference length, GenerationEval's TER scores it 1, and METEOR keeps the
+    first of equally good references. An instance that is blank in every file has no reference and is refused.
     """
     files = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := REFERENCE_FILE.fullmatch(p.name)))
     if not files or files[0][0] != 0:
