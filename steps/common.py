@@ -6,6 +6,7 @@ Kept free of torch so the data stages import fast.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -55,6 +56,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def disk_full(directory: Path, below: int = 1 << 20) -> bool:
+    """Less than `below` bytes left for us on the file system of `directory`."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < below
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary name next to `path`; on success it is fsynced, renamed into place and the directory fsynced.
@@ -75,9 +85,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and not isinstance(exc, OSError) and disk_full(path.parent)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if full:  # torch.save and safetensors report a full disk as their own errors, without errno
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a failed write() names no file; the error message should
         raise
 
 
@@ -123,21 +138,52 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
 
-def run_stage(body: Callable[[], object], on_failure: Callable[[Exception, int], None] | None = None) -> int:
-    """Run a stage's body the way every entry point does: an InputError becomes `error: ...` and exit
-    status 2, a diverged loss exit status 3; anything else is a bug and keeps its traceback.
+# Errors of the machine rather than of the input: a full disk, a read-only or forbidden directory.
+STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EFBIG: "file too large"}
+EXIT_STORAGE = 4
 
-    `on_failure(exc, status)` runs first for those two (the trainer records them for the finetune flow).
+
+def storage_message(exc: OSError) -> str:
+    where = f" while writing {exc.filename}" if exc.filename else ""
+    return f"{STORAGE_ERRORS[exc.errno]}{where}; free space or fix the permissions, then rerun (nothing half-written was kept)"
+
+
+def run_stage(body: Callable[[], object], on_failure: Callable[[Exception, int], None] | None = None) -> int:
+    """Run a stage's body the way every entry point does: one `error: ...` line instead of a traceback and an
+    exit status that says what kind of failure it was: 2 bad input, 3 a diverged loss, 4 full or read-only
+    storage. Anything else is a bug and keeps its traceback.
+
+    `on_failure(exc, status)` runs first (the trainer records the failure for the finetune flow).
     """
     try:
         body()
     except (InputError, TrainingDiverged) as exc:
         status = EXIT_BAD_INPUT if isinstance(exc, InputError) else EXIT_DIVERGED
-        if on_failure is not None:
-            on_failure(exc, status)
-        print(f"error: {exc}", file=sys.stderr)
-        return status
-    return 0
+        message = str(exc)
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRORS:
+            raise
+        status, message = EXIT_STORAGE, storage_message(exc)
+    else:
+        return 0
+    if on_failure is not None:
+        on_failure(ValueError(message), status)
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def require_writable(directory: str | os.PathLike) -> None:
+    """Fail before any compute when a stage could not write its outputs (a read-only mount, a missing permission)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        reason = STORAGE_ERRORS.get(exc.errno, exc.strerror)
+        raise InputError(f"cannot write outputs here ({reason}); choose another output directory or fix its permissions",
+                         directory) from None
 
 
 # ----------------------------------------------------------------------------------------------- one writer per work dir
@@ -201,3 +247,13 @@ def die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() != int(parent):  # it died before the signal was armed
         raise SystemExit(f"error: the launcher (PID {parent}) is gone; not training on")
+
+
+def claim_outputs(work_dir: str | os.PathLike, *other_dirs: str | os.PathLike | None) -> None:
+    """What a run that writes `work_dir` does first: fail now if any output directory cannot be written (not after
+    hours of compute), and take the work dir's lock unless the launcher holds it and passed it on."""
+    for directory in (work_dir, *other_dirs):
+        if directory:
+            require_writable(directory)
+    if not holds_inherited_lock():
+        lock_work_dir(work_dir)  # held until this process ends; a second writer on this work dir stops here

@@ -40,7 +40,7 @@ from steps.checkpoints import (
     read_tensors,
     sha256_file,
 )
-from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, run_stage
+from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, require_writable, run_stage
 from steps.decode_text import clean_text, write_scorer_files
 from steps.model import GPT2, card
 from steps.tokenizer import EOS_ID, get_tokenizer
@@ -290,6 +290,7 @@ def run(args: argparse.Namespace) -> str:
         cfg = BeamConfig.from_mapping({**vars(args), "eos_token_ids": eos_ids})
     except ValueError as exc:  # before loading anything: a bad option costs a second, not a decode
         raise InputError(f"bad search option: {exc}") from None
+    require_writable(args.work_dir)  # a read-only output dir fails now, not after the search
     model = load_for_inference(args.adapter, args.init_checkpoint, device, args.model_card, args.lora_dim,
                                args.lora_alpha, args.ignore_base_mismatch)
     if max(eos_ids) >= model.config.vocab_size:

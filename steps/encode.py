@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, run_stage
+from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, require_writable, run_stage
 from steps.encoded_meta import META_FORMAT, META_VERSION, meta_path
 from steps.tokenizer import Tokenizer, get_tokenizer
 
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     jobs = plan_jobs(args)
+    for directory in {output.parent for _, output in jobs}:
+        require_writable(directory)  # before encoding, not after
     tok = get_tokenizer(args.vocab)
     results = [encode_file(source, output, tok, args.add_bos, args.add_eos) for source, output in jobs]
     write_encoded(results)

@@ -31,15 +31,7 @@ from tqdm import tqdm
 
 from steps import checkpoints as ckpt
 from steps import reports
-from steps.common import (
-    InputError,
-    TrainingDiverged,
-    die_with_parent,
-    holds_inherited_lock,
-    lock_work_dir,
-    run_stage,
-    write_json,
-)
+from steps.common import InputError, TrainingDiverged, claim_outputs, die_with_parent, run_stage, write_json
 from steps.data import EpochPlan, collate, epoch_updates, load_splits, shard_sequential
 from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
 from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
@@ -374,8 +366,8 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> None:
     die_with_parent()
-    if int(os.environ.get("RANK", "0")) == 0 and not holds_inherited_lock():
-        lock_work_dir(cfg.work_dir)  # held until this process ends; a second trainer on this work dir stops here
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim_outputs(cfg.work_dir, cfg.plots_dir, cfg.summary_file and Path(cfg.summary_file).parent)
     env = setup_distributed(cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, env.device))  # resolved first: the fingerprint records it
     try:

@@ -5,14 +5,16 @@ a retry would repeat (bad input, a diverged loss) from one it can fix (a crash, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
-from steps.common import EXIT_BAD_INPUT, write_json
+from steps.common import EXIT_BAD_INPUT, EXIT_DIVERGED, write_json
 
 STATUS_FILE = "status.json"
 STATES = ("running", "completed", "bad_input", "diverged")
+FINAL_STATES = {EXIT_BAD_INPUT: "bad_input", EXIT_DIVERGED: "diverged"}  # failures a retry would repeat
 
 
 def write_status(work_dir: str | Path, state: str, exit_code: int | None = None, message: str = "") -> None:
@@ -29,5 +31,6 @@ def read_status(work_dir: str | Path) -> dict:
 
 def record_failure(work_dir: str | None, exc: Exception, status: int) -> None:
     """A failure that a rerun would repeat goes to status.json (rank 0), so the finetune flow does not retry it."""
-    if work_dir and Path(work_dir).is_dir() and int(os.environ.get("RANK", "0")) == 0:
-        write_status(work_dir, "bad_input" if status == EXIT_BAD_INPUT else "diverged", status, str(exc))
+    if work_dir and Path(work_dir).is_dir() and int(os.environ.get("RANK", "0")) == 0 and status in FINAL_STATES:
+        with contextlib.suppress(OSError):  # the disk may be what failed: the exit status still tells the flow
+            write_status(work_dir, FINAL_STATES[status], status, str(exc))
