@@ -310,7 +310,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ref_type", choices=REF_TYPES, default="e2e", help="dataset family: which reference layout and metric set (default: e2e)")
     parser.add_argument("--nist", choices=("python", "perl"), default="python",
                         help="NIST implementation: python = the scorer's -p mode, as the LoRA README runs it (default); "
-                        "perl = mteval-v13a.pl, the scorer's default mode (E2E only)")  # fmt: skip
+                        "perl = the copy of mteval-v13a-sig.pl inside e2e-metrics, the scorer's default mode (E2E only)")  # fmt: skip
     parser.add_argument("--predictions", type=Path, default=None,
                         help="decode's predictions.jsonl; its 'context' fields fill the context column of the MLflow table")  # fmt: skip
     parser.add_argument("--mlflow_run_file", type=Path, default=None,
