@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.params, args.project_dir, args.overrides)  # before anything starts: bad params cost a second
+    if cfg.node_rank == 0:
+        settings.check_tracking_store(cfg.tracking_uri)  # a dead server or a locked store: seconds, not minutes
     settings.apply_env_defaults()
     from pipelines.finetune_flow import finetune  # Prefect reads its settings at import: after the defaults
 

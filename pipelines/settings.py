@@ -7,6 +7,7 @@ some settings once, at import); importing this module changes nothing. Every val
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,54 @@ def tracking_uri(tracking: dict[str, Any], project_dir: Path) -> str:
         uri = prefix + str(resolve_path(project_dir, uri[len(prefix) :]))
     return uri
 
+
+
+def check_tracking_store(uri: str, wait_s: float = 120.0, say: Any = print) -> None:
+    """Fail in seconds, before anything starts, when the MLflow store cannot be used.
+
+    A tracking server must answer /health within 5 s (MLflow's own client would retry for minutes). A SQLite
+    store locked by another process is waited for, at most `wait_s` seconds (MLflow itself gives up after 20),
+    and the wait is said out loud.
+    """
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    elif uri.startswith("sqlite:///"):
+        _wait_for_sqlite(Path(uri[len("sqlite:///") :]), wait_s, say)
+
+
+def _check_server(uri: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise InputError(f"the MLflow tracking server {uri} does not answer ({reason}); start it (mlflow server ...) or point "
+                     "tracking.tracking_uri / MLFLOW_TRACKING_URI at one that runs")
+
+
+def _wait_for_sqlite(path: Path, wait_s: float, say: Any) -> None:
+    import sqlite3
+
+    from steps.common import require_writable
+
+    require_writable(path.parent)
+    if not path.exists():
+        return
+    for timeout in (0.1, wait_s):
+        try:
+            with contextlib.closing(sqlite3.connect(path, timeout=timeout)) as db:
+                db.execute("BEGIN IMMEDIATE")  # the lock a writer needs; released at once
+                db.rollback()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise InputError(f"the MLflow store cannot be opened ({exc})", path) from None
+            if timeout != wait_s:
+                say(f"waiting up to {wait_s:.0f} s for the MLflow store {path}: another process is writing to it")
+    raise InputError(f"the MLflow store stayed locked by another process for {wait_s:.0f} s; let that process finish "
+                     "(or stop it) and rerun", path)
