@@ -142,6 +142,7 @@ EXIT_DIVERGED = 3
 STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EFBIG: "file too large"}
 EXIT_STORAGE = 4
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 
 
 def storage_message(exc: OSError) -> str:
@@ -165,6 +166,8 @@ def run_stage(body: Callable[[], object], on_failure: Callable[[Exception, int],
         if exc.errno not in STORAGE_ERRORS:
             raise
         status, message = EXIT_STORAGE, storage_message(exc)
+    except KeyboardInterrupt:  # Ctrl-C: every file written so far is whole (atomic writes); no traceback
+        status, message = EXIT_INTERRUPTED, "interrupted; what was written is complete, and a rerun of a training resumes from its last checkpoint"
     else:
         return 0
     if on_failure is not None:
