@@ -1,0 +1,34 @@
+"""The helpers every stage writes through: file permissions that follow the umask, and nothing left half-written."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from steps.common import atomic_write
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_written_files_get_the_permissions_of_the_umask(tmp_path, umask, expected):
+    """mkstemp's 0600 used to reach data/formatted, outputs, adapters and metrics, which breaks shared use."""
+    script = ("import os, sys; os.umask(int(sys.argv[2], 8)); from steps.common import write_json; from steps.checkpoints "
+              "import save_resume_state; write_json(sys.argv[1] + '/a.json', {}); save_resume_state(sys.argv[1] + '/s.pt', {})")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), oct(umask)[2:]], cwd=REPO, check=True)
+    for name in ("a.json", "s.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write(target) as f:
+        f.write("half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
