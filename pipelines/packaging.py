@@ -46,6 +46,7 @@ def fluent_store(uri: str) -> Iterator[None]:
         sys.path[:] = saved_path
 
 
+INPUT_COLUMN = "meaning_representation"  # the pyfunc model's input column (pipelines/pyfunc_model.py)
 PYFUNC_MODEL_FILE = Path(__file__).resolve().with_name("pyfunc_model.py")
 STEPS_DIR = Path(__file__).resolve().parents[1] / "steps"
 
@@ -134,7 +135,9 @@ def log_and_register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) 
                          cfg.work_dir)
     adapter_config = json.loads((cfg.work_dir / "adapter_config.json").read_text(encoding="utf-8"))
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "meaning_representation", required=False), ColSpec("string", "context", required=False)]),
+        # One required column: MLflow drops columns a signature does not name before the model sees them, so only a
+        # required column lets a request without it be answered with what was expected and what was sent.
+        inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
         outputs=Schema([ColSpec("string")]),
     )
     example = pd.DataFrame({"meaning_representation": example_contexts(cfg)})

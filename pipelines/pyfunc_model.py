@@ -12,7 +12,7 @@ for every adapter); loading finds them, in this order:
 The file found must have the sha256 the adapter recorded (an adapter on the wrong base generates
 nonsense, so loading fails loudly instead; steps.decode checks it).
 
-`predict(df)` takes a DataFrame with a `meaning_representation` (or `context`) column and returns one
+`predict(df)` takes a DataFrame with a `meaning_representation` column and returns one
 generated text per row, decoded with the stored beam settings. Rows with the same input are decoded once.
 """
 
@@ -26,7 +26,7 @@ import mlflow
 import pandas as pd
 
 BASE_ENV = "LORA_NLG_BASE_CHECKPOINT"
-INPUT_COLUMNS = ("meaning_representation", "context")
+INPUT_COLUMN = "meaning_representation"
 # The decoding settings besides the search's own (those build a steps.beam.BeamConfig).
 QUERY_KEYS = ("seq_len", "batch_size", "add_bos")
 
@@ -56,17 +56,19 @@ def find_base_checkpoint(config: dict[str, Any]) -> Path:
 
 
 def contexts_from(model_input: pd.DataFrame | dict | list) -> list[str]:
-    """The input texts: the `meaning_representation` or `context` column (or a plain list of strings)."""
+    """The input texts: the `meaning_representation` column (or a plain list of strings), none of them empty."""
     from steps.common import InputError
 
     if isinstance(model_input, list):
         return [str(x) for x in model_input]
     frame = pd.DataFrame(model_input)
-    for column in INPUT_COLUMNS:
-        if column in frame.columns and frame[column].notna().all():
-            return frame[column].astype(str).tolist()
-    raise InputError(f"expected a DataFrame with a '{INPUT_COLUMNS[0]}' or '{INPUT_COLUMNS[1]}' column of strings, "
-                     f"got columns {list(frame.columns)}")
+    if INPUT_COLUMN not in frame.columns:
+        raise InputError(f"expected a DataFrame with a '{INPUT_COLUMN}' column of strings, got columns {list(frame.columns)}")
+    texts = frame[INPUT_COLUMN]
+    if texts.isna().any() or (texts.astype(str).str.strip() == "").any():
+        raise InputError(f"'{INPUT_COLUMN}' holds an empty value in row {int((texts.isna() | (texts.astype(str).str.strip() == '')).idxmax())}; "
+                         "every row needs a meaning representation")
+    return texts.astype(str).tolist()
 
 
 def pick_device(config: dict[str, Any]) -> str:
