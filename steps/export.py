@@ -62,6 +62,25 @@ def read_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> tu
     return tensors, config
 
 
+
+def start_from_adapter(model: GPT2, path: str | os.PathLike, model_card: str, lora_alpha: float) -> str:
+    """Load an adapter into `model`'s LoRA weights for further training; it must have the model's rank, targets and
+    width. Returns the line the trainer logs about what it loaded."""
+    expected = model.lora_config
+    if expected is None:
+        raise InputError("--init_adapter needs LoRA (--lora_dim > 0); full fine-tuning starts from --init_checkpoint", path)
+    tensors, config = read_adapter(path, lora_alpha=lora_alpha)
+    found = {"rank": config["r"], "targets": tuple(config["targets"]), "n_embd": config["n_embd"], "n_layer": config["n_layer"]}
+    wanted = {"rank": expected.r, "targets": tuple(expected.targets), "n_embd": model.config.n_embd, "n_layer": model.config.n_layer}
+    differ = [f"{key} {found[key]} (this run: {wanted[key]})" for key in wanted if found[key] != wanted[key]]
+    if differ:
+        raise InputError(f"the adapter does not fit this run: {'; '.join(differ)}; set --lora_dim, --lora_targets and "
+                         f"--model_card to the adapter's (it was trained on {config.get('model_card')})", path)
+    apply_adapter(model, tensors, path)
+    step = f" after {config['step']} updates" if config.get("step") is not None else ""
+    return (f"started LoRA from {path}: rank {config['r']}, targets {','.join(config['targets'])}, {config.get('model_card', model_card)}"
+            f"{step}; the optimizer and the schedule start fresh")
+
 def adapted_model(tensors: dict[str, torch.Tensor], config: dict[str, Any], init_checkpoint: str | os.PathLike | None,
                   ignore_base_mismatch: bool = False, source: str | os.PathLike = "adapter") -> GPT2:
     """Base weights + adapter (not merged), in eval mode; the base must be the one the adapter was trained on."""

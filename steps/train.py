@@ -34,6 +34,7 @@ from steps import reports
 from steps.common import InputError, TrainingDiverged, claim_outputs, die_with_parent, run_stage, write_json
 from steps.data import EpochPlan, collate, epoch_updates, load_splits, shard_sequential
 from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
+from steps.export import start_from_adapter
 from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
 from steps.loss import LossModule, masked_lm_loss
 from steps.model import GPT2, card
@@ -45,7 +46,8 @@ from steps.train_status import record_failure, write_status
 # ---------------------------------------------------------------------------------------------- set-up
 
 
-def build_model(cfg: TrainConfig) -> GPT2:
+def build_model(cfg: TrainConfig) -> tuple[GPT2, list[str]]:
+    """The model to train, and notes on what it was loaded from (logged at start)."""
     model_cfg = card(cfg.model_card)
     if cfg.seq_len > model_cfg.n_positions:
         raise InputError(f"--seq_len {cfg.seq_len} exceeds the {model_cfg.n_positions} positions of {cfg.model_card}")
@@ -56,11 +58,17 @@ def build_model(cfg: TrainConfig) -> GPT2:
         lora = LoRAConfig(r=cfg.lora_dim, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=parse_targets(cfg.lora_targets))
     torch.manual_seed(cfg.random_seed)  # LoRA A init (and the base, when no checkpoint is given)
     model = GPT2(model_cfg, lora)
+    notes = []
     if cfg.init_checkpoint:
-        ckpt.load_base_weights(model, cfg.init_checkpoint)
+        skipped = [k for k in ckpt.load_base_weights(model, cfg.init_checkpoint) if "lora_" in k]
+        if skipped:
+            notes.append(f"note: --init_checkpoint loads base weights only; its {len(skipped)} LoRA tensors were skipped "
+                         "(start from them with --init_adapter)")
+    if cfg.init_adapter:
+        notes.append(start_from_adapter(model, cfg.init_adapter, cfg.model_card, cfg.lora_alpha))
     if lora is not None:
         mark_only_lora_trainable(model)
-    return model
+    return model, notes
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -70,7 +78,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: Dist):
         self.cfg, self.env = cfg, env
         self.work_dir = Path(cfg.work_dir)
-        self.model = build_model(cfg)
+        self.model, self.notes = build_model(cfg)
         self.train_set, self.valid_set = load_splits(cfg.train_data, cfg.valid_data, cfg.seq_len, cfg.obj, cfg.truncation,
                                                     self.model.config.vocab_size)
         self.model.to(env.device)
@@ -301,7 +309,7 @@ class Trainer:
         self.log(f"train: {len(self.train_set)} examples, valid: {len(self.valid_set)} | {cfg.model_card} | trainable params "
                  f"{n_trainable:,} | world {self.env.world} on {self.env.device} | {self.updates_per_epoch} updates/epoch, "
                  f"max_step {self.max_step} | precision {cfg.precision}")
-        for warning in setup_warnings(cfg, n_trainable):
+        for warning in [*self.notes, *setup_warnings(cfg, n_trainable)]:
             self.log(warning)
         truncated = sum(e.truncated for e in self.train_set)
         if truncated:

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--model_card", default="gpt2.md", help=f"architecture: {', '.join(CARDS)}")
     model.add_argument("--init_checkpoint", default=None, help="pretrained GPT-2 weights: Hugging Face model.safetensors or pytorch_model.bin")
+    model.add_argument("--init_adapter", default=None, help="start LoRA from this adapter (this project's directory, the original "
+                       "trainer's model.<step>.pt, or a PEFT directory) instead of a fresh init; the optimizer starts fresh")
     model.add_argument("--lora_dim", type=int, default=0, help="LoRA rank r; 0 trains the full model, as in the original")
     model.add_argument("--lora_alpha", type=float, default=128, help="LoRA alpha; the update is scaled by alpha / r")
     model.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
@@ -112,6 +114,7 @@ class TrainConfig:
     # model
     model_card: str
     init_checkpoint: str | None
+    init_adapter: str | None
     lora_dim: int
     lora_alpha: float
     lora_dropout: float
@@ -269,6 +272,15 @@ def code_sha256() -> str:
     return digest.hexdigest()
 
 
+def adapter_weights(path: str) -> Path:
+    """The tensor file of an adapter given as a directory (ours or PEFT's) or as a file."""
+    path = Path(path)
+    if path.is_dir():
+        return next((path / name for name in ("adapter.safetensors", "adapter_model.safetensors", "adapter_model.bin")
+                     if (path / name).is_file()), path / "adapter.safetensors")
+    return path
+
+
 def fingerprint(cfg: TrainConfig, world: int | str) -> dict[str, Any]:
     """What makes two trainings the same: settings, world size, the bytes of the data and base, the code.
 
@@ -281,6 +293,7 @@ def fingerprint(cfg: TrainConfig, world: int | str) -> dict[str, Any]:
         "train_data_sha256": sha256_of(cfg.train_data),
         "valid_data_sha256": sha256_of(cfg.valid_data),
         "init_checkpoint_sha256": sha256_of(cfg.init_checkpoint),
+        "init_adapter_sha256": sha256_of(adapter_weights(cfg.init_adapter)) if cfg.init_adapter else None,
         "code_sha256": code_sha256(),
     }
 

@@ -1,0 +1,55 @@
+"""Continued training: `--init_adapter` starts LoRA from a saved adapter (ours, the original's or PEFT's) with a
+fresh optimizer, exactly as if the same weights had been put into the model in memory."""
+
+from __future__ import annotations
+
+import torch
+from helpers import tiny_run_args
+from safetensors.torch import load_file
+
+from steps.checkpoints import apply_adapter, load_adapter
+from steps.distributed import Dist
+from steps.train import Trainer, main
+from steps.train_config import parse_config
+
+
+def test_continuing_from_a_saved_adapter_equals_starting_from_the_same_weights_in_memory(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(tiny_run_args(data, tmp_path / "first", max_step=4, lora_dropout=0.1)) == 0
+    saved = tmp_path / "first"
+
+    assert main(tiny_run_args(data, tmp_path / "continued", max_step=2, lora_dropout=0.1, init_adapter=saved)) == 0
+    out = capsys.readouterr().out
+    assert f"started LoRA from {saved}: rank 4, targets q,v, gpt2.tiny after 4 updates" in out
+
+    in_memory = Trainer(parse_config(tiny_run_args(data, tmp_path / "in_memory", max_step=2, lora_dropout=0.1)),
+                        Dist(0, 1, torch.device("cpu")))
+    tensors, _ = load_adapter(saved)
+    apply_adapter(in_memory.model, tensors)
+    in_memory.fit()
+
+    continued = load_file(tmp_path / "continued/adapter.safetensors")
+    expected = load_file(tmp_path / "in_memory/adapter.safetensors")
+    assert continued.keys() == expected.keys() and all(torch.equal(continued[k], expected[k]) for k in expected)
+    assert not all(torch.equal(continued[k], tensors[k]) for k in tensors)  # it did train on
+
+
+def test_an_adapter_of_another_rank_is_refused_naming_both(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(tiny_run_args(data, tmp_path / "first", max_step=1)) == 0
+    capsys.readouterr()
+    assert main(tiny_run_args(data, tmp_path / "second", lora_dim=8, init_adapter=tmp_path / "first")) == 2
+    assert "the adapter does not fit this run: rank 4 (this run: 8)" in capsys.readouterr().err
+
+
+def test_lora_tensors_in_the_base_checkpoint_are_named_not_silently_dropped(tmp_path, capsys):
+    data = tmp_path / "data"
+    args = tiny_run_args(data, tmp_path / "run", max_step=1)
+    base = data / "base.safetensors"
+    from safetensors.torch import save_file
+
+    tensors = load_file(base)
+    tensors["h.0.attn.c_attn.lora_A"] = torch.zeros(8, 64)
+    save_file(tensors, base)
+    assert main(args) == 0
+    assert "its 1 LoRA tensors were skipped (start from them with --init_adapter)" in capsys.readouterr().out
