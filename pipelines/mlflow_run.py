@@ -141,7 +141,7 @@ def start_or_resume(cfg: FinetuneConfig, inputs: dict[str, Any], flow_run: Any =
         client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.id))
         client.set_tag(run_id, "prefect.flow_run_name", flow_run.name)
     write_run_file(cfg.path(cfg.tracking["run_file"]), run_id=run_id, tracking_uri=cfg.tracking_uri,
-                   experiment_id=experiment_id, fingerprint=inputs["resolved.fingerprint"])
+                   experiment_id=experiment_id, fingerprint=inputs["resolved.fingerprint"], project_dir=str(cfg.project_dir))
     return run_id, experiment_id, resumed
 
 

@@ -222,6 +222,9 @@ class RunLogger:
 
 
 # ----- run files: how the finetune flow tells the evaluate stage which run to add to -----
+#
+# A run file is local bookkeeping, like mlflow.db itself: it holds a run id and an absolute tracking URI that differ
+# on every machine and run, so it is git-ignored and neither a DVC output nor a dependency (docs/pipeline.md, "Stages").
 
 
 def write_run_file(path: str | os.PathLike, run_id: str, tracking_uri: str, experiment_id: str, **extra: Any) -> None:
@@ -258,6 +261,12 @@ def log_evaluation(run_file: str, metrics: dict[str, float], table: pandas.DataF
         warn(f"{run_file}: no MLflow run file; evaluation metrics are not logged to MLflow (run the finetune stage to create one)")
         return
     record = read_run_file(run_file)
+    written_for = record.get("project_dir")
+    if written_for and Path(written_for).resolve() != Path.cwd().resolve():
+        # A copied project (cp -r) carries the original's run file, which names the original's store: never write there.
+        warn(f"{run_file} was written for the project at {written_for}, not this one ({Path.cwd()}); evaluation metrics "
+             "are not logged to MLflow (run the finetune stage here to create this project's run)")
+        return
     try:
         _log_evaluation_to_run(record, metrics, table)
     except Exception as exc:

@@ -167,3 +167,22 @@ def test_log_evaluation_rejects_a_file_that_is_not_a_run_file(tmp_path):
     bad.write_text("not json")
     with pytest.raises(InputError, match="not a JSON run file"):
         log_evaluation(str(bad), {"BLEU": 0.1}, pd.DataFrame({"a": [1]}))
+
+
+def test_a_copied_project_never_writes_into_the_original_projects_run(store, tmp_path, capsys, monkeypatch):
+    """`cp -r project copy && cd copy && dvc repro` used to add the copy's scores to the original's MLflow run:
+    the run file names the project it was written for, and evaluate in another project only warns."""
+    uri, client, experiment_id = store
+    run_id = new_run(store)
+    original, copy = tmp_path / "project", tmp_path / "copy"
+    for project in (original, copy):
+        (project / "models").mkdir(parents=True)
+        write_run_file(project / "models/run.json", run_id=run_id, tracking_uri=uri, experiment_id=experiment_id,
+                       fingerprint="x", project_dir=str(original))
+    monkeypatch.chdir(copy)
+    log_evaluation("models/run.json", {"BLEU": 0.9}, pd.DataFrame({"a": [1]}))
+    assert f"was written for the project at {original}, not this one" in capsys.readouterr().err
+    assert "eval/BLEU" not in client.get_run(run_id).data.metrics
+    monkeypatch.chdir(original)
+    log_evaluation("models/run.json", {"BLEU": 0.9}, pd.DataFrame({"a": [1]}))
+    assert client.get_run(run_id).data.metrics["eval/BLEU"] == 0.9
