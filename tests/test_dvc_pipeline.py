@@ -1,8 +1,13 @@
-"""`dvc repro` end to end in a throw-away copy of the repository, on a tiny configuration.
+"""`dvc repro` and DVC experiments end to end in a throw-away git repository, on a tiny configuration.
 
-Every stage runs for real (sample -> prepare -> encode -> base -> finetune flow -> decode -> evaluate);
-a second `dvc repro` must do nothing; `dvc exp run -S finetune.lora_dim=8` must rerun only what
-depends on that parameter. The copy is a fresh git repository, as a user's clone would be.
+Every stage runs for real (sample -> prepare -> encode -> base -> finetune flow -> decode -> evaluate) in a
+fresh git repository holding a copy of this checkout, as a user's clone would. Then, as DVC users work:
+commit the results (metrics and plots are committed with git, models and data are in the DVC cache); a second
+`dvc repro` does nothing; two `dvc exp run -S ...` experiments rerun only what depends on the parameter and
+`dvc exp show` lists every metric for the workspace, the commit and both experiments; `dvc exp apply`, a commit,
+then `dvc metrics diff` / `dvc params diff` / `dvc plots diff` against the previous commit report the change;
+`dvc exp branch` makes a branch of an experiment; and a `git clone` of the result, with no DVC cache, reproduces
+every stage offline to the same bytes (`git status` clean: dvc.lock, metrics and plots unchanged).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +25,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["sample", "prepare", "encode", "base", "finetune", "decode", "evaluate"]
+SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+TRAIN_SUMMARY = ("best_valid_loss", "final_train_loss")
+METRIC_FILES = ("metrics/eval.json", "metrics/train_summary.json")
+PLOT_FILES = ("plots/train_loss.csv", "plots/valid_loss.csv", "plots/loss.png")
+RUN_FILE = "models/mlflow_run.json"
+# A test's setup may run one of the shared fixtures below: a full `dvc repro`, or two experiments (9 minutes on a
+# loaded 2-core machine), more than the suite's default per-test timeout allows.
+pytestmark = pytest.mark.timeout(1800)
 
 TINY = {
     "sample": {"train_mrs": 40, "valid_mrs": 4, "test_mrs": 3},
@@ -51,9 +65,48 @@ def dvc(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedPr
     return result
 
 
-def git(project: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=project, check=True,
-                   capture_output=True)
+def dvc_json(project: Path, *args: str) -> dict | list:
+    return json.loads(dvc(project, *args, "--json").stdout)
+
+
+def git(project: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=project, check=True, capture_output=True, text=True).stdout
+
+
+def set_params(params_file: Path, values: dict[str, dict]) -> None:
+    """Change values the way `dvc exp run -S` does (DVC's own YAML round trip: comments and layout kept)."""
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(params_file) as params:
+        for section, changes in values.items():
+            params[section].update(changes)
+
+
+def exp_show(project: Path) -> dict[str, dict]:
+    """`dvc exp show --json` as {name: {"params": ..., "metrics": ..., "error": ...}} for the workspace, each
+    commit (by its short sha) and each experiment (by its name)."""
+    rows = {}
+
+    def add(entry: dict, name: str) -> None:
+        data = entry.get("data") or {}
+        rows[name] = {
+            "params": (data.get("params") or {}).get("params.yaml", {}).get("data", {}),
+            "metrics": {path: (found.get("data") or {}) for path, found in (data.get("metrics") or {}).items()},
+            "error": entry.get("error") or data.get("error") or (data.get("params") or {}).get("params.yaml", {}).get("error"),
+        }
+
+    for baseline in dvc_json(project, "exp", "show"):
+        add(baseline, baseline["rev"] if baseline["rev"] == "workspace" else baseline["rev"][:7])
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                add(rev, rev.get("name") or experiment.get("name") or rev["rev"][:7])
+    return rows
+
+
+def metrics_of(row: dict) -> dict[str, float]:
+    """The scores and train-summary values `dvc exp show` lists for one row."""
+    return {**{name: row["metrics"].get("metrics/eval.json", {}).get(name) for name in SCORES},
+            **{name: row["metrics"].get("metrics/train_summary.json", {}).get(name) for name in TRAIN_SUMMARY}}
 
 
 @pytest.fixture(scope="module")
@@ -61,68 +114,110 @@ def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repro") / "project"
     root.mkdir()
     copy_working_tree(root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(root / "params.yaml", TINY)
     git(root, "init", "-q")
+    git(root, "config", "user.name", "test")  # dvc exp run and exp branch commit
+    git(root, "config", "user.email", "test@example.com")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "copy of the project")
     return root
 
 
+# The slow tests share one project and walk it through a user's session. Each step that changes the project is a
+# module fixture that records what its tests check, so the tests pass in any order (and alone).
+
+
 @pytest.fixture(scope="module")
-def first_repro(project) -> str:
+def baseline(project) -> dict:
+    """`dvc repro`, then commit what git tracks (dvc.lock, metrics, plots), as the README says; a second `dvc repro`."""
     result = dvc(project, "repro")
-    return result.stdout + result.stderr
+    state = {
+        "log": result.stdout + result.stderr,
+        "lock": yaml.safe_load((project / "dvc.lock").read_text())["stages"],
+        "status": dvc_json(project, "status"),
+        "scores": json.loads((project / "metrics/eval.json").read_text()),
+        "summary": json.loads((project / "metrics/train_summary.json").read_text()),
+        "run_record": json.loads((project / RUN_FILE).read_text()),
+    }
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "baseline: dvc repro")
+    state["git_status"] = git(project, "status", "--porcelain", "--untracked-files=all")
+    lock_text = (project / "dvc.lock").read_text()
+    again = dvc(project, "repro")
+    state["second_log"] = again.stdout + again.stderr
+    state["lock_unchanged_by_second_repro"] = (project / "dvc.lock").read_text() == lock_text
+    state["head"] = git(project, "rev-parse", "--short=7", "HEAD").strip()
+    return state
 
 
 @pytest.mark.slow
-def test_every_stage_runs_and_writes_its_outputs(first_repro, project):
+def test_every_stage_runs_and_writes_its_outputs(baseline, project):
     for stage in STAGES:
-        assert f"Running stage '{stage}'" in first_repro, stage
+        assert f"Running stage '{stage}'" in baseline["log"], stage
     for path in ["data/raw/sample/train.txt", "data/formatted/test.jsonl", "data/encoded/train.jsonl", "models/base/model.safetensors",
                  "models/finetune/adapter.safetensors", "models/finetune/checkpoints/step_4/adapter.safetensors",
-                 "outputs/predictions.jsonl", "outputs/refs.txt", "outputs/preds.txt", "plots/loss.png"]:
+                 "outputs/predictions.jsonl", "outputs/refs.txt", "outputs/preds.txt", "plots/loss.png", RUN_FILE]:
         assert (project / path).is_file(), path
-    scores = json.loads((project / "metrics/eval.json").read_text())
-    for metric in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"):
-        assert isinstance(scores[metric], float), metric
-    assert scores["n_instances"] == 3  # test_mrs
-    assert json.loads((project / "metrics/train_summary.json").read_text())["steps"] == 8
+    for metric in SCORES:
+        assert isinstance(baseline["scores"][metric], float), metric
+    assert baseline["scores"]["n_instances"] == 3  # test_mrs
+    summary = baseline["summary"]
+    assert summary["steps"] == 8 and all(isinstance(summary[key], float) for key in TRAIN_SUMMARY), summary
     assert (project / "plots/train_loss.csv").read_text().splitlines()[0] == "step,loss,nll"
     assert [row.split(",")[0] for row in (project / "plots/valid_loss.csv").read_text().splitlines()[1:]] == ["4", "8"]
 
 
 @pytest.mark.slow
-def test_lock_file_records_every_stage(first_repro, project):
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+def test_lock_file_records_every_stage(baseline):
+    lock = baseline["lock"]
     assert sorted(lock) == sorted(STAGES)
     finetune_outs = {out["path"]: out for out in lock["finetune"]["outs"]}
     assert finetune_outs["models/finetune"]["md5"].endswith(".dir")
-    assert {"metrics/train_summary.json", "plots/train_loss.csv", "plots/valid_loss.csv", "plots/loss.png"} <= set(finetune_outs)
+    assert set(finetune_outs) == {"models/finetune", "metrics/train_summary.json", *PLOT_FILES}  # not the run file
+    assert RUN_FILE not in {dep["path"] for dep in lock["evaluate"]["deps"]}
     assert lock["finetune"]["params"]["params.yaml"]["finetune"]["lora_dim"] == 4
     assert lock["decode"]["params"]["params.yaml"]["decode"]["beam"] == 2
-    assert json.loads(dvc(project, "status", "--json").stdout) == {}
+    assert baseline["status"] == {}
 
 
 @pytest.mark.slow
-def test_second_repro_does_nothing(first_repro, project):
-    again = dvc(project, "repro")
-    output = again.stdout + again.stderr
+def test_git_holds_metrics_and_plots_and_nothing_machine_specific(baseline, project):
+    """Committed: dvc.lock, metrics, plots. Ignored: DVC-cached outputs, the run file, the MLflow and Prefect stores.
+    No tracked output holds this machine's paths, its host name, or a time."""
+    assert baseline["git_status"] == ""  # everything a repro writes is either committed or ignored
+    assert set(git(project, "ls-files", "metrics", "plots").split()) == {*METRIC_FILES, *PLOT_FILES}
+    for ignored in (RUN_FILE, "mlflow.db", "models/finetune/adapter.safetensors", "outputs/preds.txt", "data/encoded/train.jsonl"):
+        assert git(project, "check-ignore", ignored).strip() == ignored
+    tracked = [project / name for name in ("dvc.lock", *METRIC_FILES, "plots/train_loss.csv", "plots/valid_loss.csv")]
+    tracked += [path for folder in ("data/encoded", "models/finetune", "outputs") for path in (project / folder).rglob("*")
+                if path.suffix in (".json", ".jsonl", ".csv", ".txt")]
+    host = socket.gethostname()
+    for path in tracked:
+        text = path.read_text()
+        assert str(project.parent) not in text, f"{path} holds an absolute path"
+        assert len(host) < 4 or host not in text, f"{path} holds the host name {host}"
+    for path in [*(project / name for name in METRIC_FILES), *(project / "models/finetune").glob("*.json")]:
+        keys = " ".join(json.loads(path.read_text())).lower()
+        assert not any(word in keys for word in ("time", "wall", "seconds", "date", "host")), f"{path}: {keys}"
+
+
+@pytest.mark.slow
+def test_second_repro_does_nothing(baseline):
+    output = baseline["second_log"]
     assert "Running stage" not in output
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in output
     assert "Data and pipelines are up to date." in output
+    assert baseline["lock_unchanged_by_second_repro"]
 
 
 @pytest.mark.slow
-def test_metrics_and_plots_show(first_repro, project):
-    metrics = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+def test_metrics_and_plots_show(baseline, project):
+    metrics = dvc_json(project, "metrics", "show")
     data = metrics[""]["data"] if "" in metrics else next(iter(metrics.values()))["data"]
     assert data["metrics/eval.json"]["data"]["BLEU"] >= 0
     assert data["metrics/train_summary.json"]["data"]["steps"] == 8
-    plots = json.loads(dvc(project, "plots", "show", "--json").stdout)
+    plots = dvc_json(project, "plots", "show")
     rendered = plots.get("data", plots)
     train_points = rendered["plots/train_loss.csv"][0]["content"]["data"]["values"]
     assert [int(point["step"]) for point in train_points] == [4, 8]
@@ -130,35 +225,123 @@ def test_metrics_and_plots_show(first_repro, project):
 
 
 @pytest.mark.slow
-def test_evaluation_reached_the_finetune_mlflow_run(first_repro, project):
+def test_evaluation_reached_the_finetune_mlflow_run(baseline, project):
     from mlflow import MlflowClient
 
-    record = json.loads((project / "models/mlflow_run.json").read_text())
+    record = baseline["run_record"]
     assert record["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}"
     run = MlflowClient(tracking_uri=record["tracking_uri"]).get_run(record["run_id"])
-    scores = json.loads((project / "metrics/eval.json").read_text())
-    assert {name: run.data.metrics[f"eval/{name}"] for name in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")} == pytest.approx(
-        {name: scores[name] for name in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")})
+    scores = baseline["scores"]
+    assert {name: run.data.metrics[f"eval/{name}"] for name in SCORES} == pytest.approx({name: scores[name] for name in SCORES})
     assert (project / "mlruns").is_dir() and not any((project / "models/finetune").rglob("MLmodel"))  # artifacts outside DVC outs
 
 
+@pytest.fixture(scope="module")
+def experiments(baseline, project) -> dict:
+    """Two experiments with different params: `dvc exp run -S finetune.lora_dim=8`, then `... lora_dim=2`."""
+    state = {}
+    for name, rank in (("rank8", 8), ("rank2", 2)):
+        result = dvc(project, "exp", "run", "-S", f"finetune.lora_dim={rank}", "--name", name)
+        state[name] = result.stdout + result.stderr
+        if name == "rank8":  # the workspace now holds this experiment's results and its params.yaml
+            state["rank8 params diff"] = git(project, "diff", "--unified=0", "params.yaml")
+    state["rows"] = exp_show(project)
+    state["adapter_rank"] = json.loads((project / "models/finetune/adapter_config.json").read_text())["r"]
+    state["run_record"] = json.loads((project / RUN_FILE).read_text())
+    return state
+
+
 @pytest.mark.slow
-def test_experiment_reruns_only_what_depends_on_the_parameter(first_repro, project):
-    result = dvc(project, "exp", "run", "-S", "finetune.lora_dim=8", "--name", "rank8")
-    output = result.stdout + result.stderr
-    for stage in ("finetune", "decode", "evaluate"):
-        assert f"Running stage '{stage}'" in output, stage
-    for stage in ("sample", "prepare", "encode", "base"):
-        assert f"Running stage '{stage}'" not in output, stage
-    assert json.loads((project / "models/finetune/adapter_config.json").read_text())["r"] == 8
-    experiments = json.loads(dvc(project, "exp", "show", "--json").stdout)
-    names = {exp.get("name") for baseline in experiments for exp in (baseline.get("experiments") or [])}
-    assert "rank8" in names, experiments
-    record = json.loads((project / "models/mlflow_run.json").read_text())
+def test_experiment_reruns_only_what_depends_on_the_parameter(experiments):
+    for name in ("rank8", "rank2"):
+        for stage in ("finetune", "decode", "evaluate"):
+            assert f"Running stage '{stage}'" in experiments[name], (name, stage)
+        for stage in ("sample", "prepare", "encode", "base"):
+            assert f"Running stage '{stage}'" not in experiments[name], (name, stage)
+    assert experiments["adapter_rank"] == 2  # the workspace holds the last experiment
     from mlflow import MlflowClient
 
+    record = experiments["run_record"]
     run = MlflowClient(tracking_uri=record["tracking_uri"]).get_run(record["run_id"])
-    assert run.data.params["finetune.lora_dim"] == "8" and "eval/BLEU" in run.data.metrics
+    assert run.data.params["finetune.lora_dim"] == "2" and "eval/BLEU" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_exp_run_set_param_changes_only_that_line_of_params_yaml(experiments):
+    diff = experiments["rank8 params diff"]
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert [line.split("#")[0].rstrip() for line in changed] == ["-  lora_dim: 4", "+  lora_dim: 8"], diff
+
+
+@pytest.mark.slow
+def test_exp_show_lists_every_metric_for_workspace_commit_and_experiments(baseline, experiments):
+    rows, head = experiments["rows"], baseline["head"]
+    assert {"workspace", head, "rank8", "rank2"} <= set(rows), sorted(rows)
+    for name in ("workspace", head, "rank8", "rank2"):
+        assert rows[name]["error"] is None, (name, rows[name]["error"])
+        values = metrics_of(rows[name])
+        assert all(isinstance(value, float) for value in values.values()), (name, values)  # never DVC's "!"
+    assert {name: rows[name]["params"]["finetune"]["lora_dim"] for name in ("workspace", head, "rank8", "rank2")} == {
+        "workspace": 2, head: 4, "rank8": 8, "rank2": 2}
+    final_losses = {name: metrics_of(rows[name])["final_train_loss"] for name in (head, "rank8", "rank2")}
+    assert len(set(final_losses.values())) == 3, final_losses  # three trainings, three results
+    committed = {**baseline["scores"], **baseline["summary"]}
+    assert metrics_of(rows[head]) == {name: committed[name] for name in (*SCORES, *TRAIN_SUMMARY)}  # read from git
+    assert metrics_of(rows["workspace"]) == metrics_of(rows["rank2"])
+
+
+@pytest.fixture(scope="module")
+def applied(experiments, project) -> dict:
+    """`dvc exp apply rank8`, commit it, then diff against the previous commit; `dvc exp branch rank2`."""
+    dvc(project, "exp", "apply", "rank8")
+    state = {
+        "adapter_rank": json.loads((project / "models/finetune/adapter_config.json").read_text())["r"],
+        "status": dvc_json(project, "status"),
+        "workspace_metrics_diff": dvc_json(project, "metrics", "diff"),  # the workspace against HEAD, before committing
+    }
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "rank 8")
+    state["metrics_diff"] = dvc_json(project, "metrics", "diff", "HEAD~1")
+    state["params_diff"] = dvc_json(project, "params", "diff", "HEAD~1")
+    state["plots_diff"] = dvc_json(project, "plots", "diff", "HEAD~1")
+    dvc(project, "exp", "branch", "rank2", "rank2-branch")
+    state["branch_params"] = yaml.safe_load(git(project, "show", "rank2-branch:params.yaml"))
+    state["branch_scores"] = json.loads(git(project, "show", "rank2-branch:metrics/eval.json"))
+    return state
+
+
+@pytest.mark.slow
+def test_exp_apply_then_commit_then_metrics_params_and_plots_diff(baseline, experiments, applied):
+    assert applied["adapter_rank"] == 8 and applied["status"] == {}  # the experiment's outputs, checked out from the cache
+    assert "final_train_loss" in applied["workspace_metrics_diff"]["metrics/train_summary.json"]
+    change = applied["metrics_diff"]["metrics/train_summary.json"]["final_train_loss"]
+    assert change["old"] == pytest.approx(baseline["summary"]["final_train_loss"])
+    assert change["new"] == pytest.approx(metrics_of(experiments["rows"]["rank8"])["final_train_loss"])
+    assert applied["params_diff"]["params.yaml"]["finetune.lora_dim"] == {"old": 4, "new": 8, "diff": 4}
+    rendered = applied["plots_diff"].get("data", applied["plots_diff"])
+    revisions = {point["rev"] for plot in rendered["plots/train_loss.csv"] for point in plot["content"]["data"]["values"]}
+    assert len(revisions) == 2, revisions  # HEAD~1's curve and the workspace's, both read from git
+
+
+@pytest.mark.slow
+def test_exp_branch_holds_the_experiment(applied):
+    assert applied["branch_params"]["finetune"]["lora_dim"] == 2
+    assert all(isinstance(applied["branch_scores"][name], float) for name in SCORES)
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_reproduces_the_committed_results(applied, project, tmp_path):
+    """`git clone` + `dvc repro` with no DVC cache and no remote: the stages rerun offline and write the same bytes,
+    so dvc.lock, the metrics and the plots are unchanged (no absolute path, time or host in any output)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    assert not (clone / ".dvc/cache").exists()
+    result = dvc(clone, "repro")
+    for stage in STAGES[:-1]:
+        assert f"Running stage '{stage}'" in result.stdout, stage
+    # decode wrote the same outputs/ and metrics/eval.json is in git: DVC has nothing to rerun evaluate for
+    assert "Stage 'evaluate' didn't change, skipping" in result.stdout
+    assert git(clone, "status", "--porcelain") == "", git(clone, "diff")
 
 
 # ----------------------------------------------------------------------------- fast: params files
@@ -217,4 +400,53 @@ def test_dataset_and_meteor_settings_reach_the_stage_commands(tmp_path, monkeypa
     assert f"--ref_type {dataset} --output_ref_file {ref_file} " in decode.cmd
     assert evaluate.cmd.startswith(f"python -m steps.evaluate {ref_file} outputs/preds.txt --ref_type {dataset} ")
     assert ("--no_meteor" in evaluate.cmd.split()) == no_meteor
-    assert "models/mlflow_run.json" in {dep.def_path for dep in evaluate.deps}  # scores go to the run finetune wrote
+    # The run file only names the local MLflow run (absolute store path, run id): passed to evaluate, not a dependency.
+    assert "--mlflow_run_file models/mlflow_run.json" in evaluate.cmd
+    assert "models/mlflow_run.json" not in {dep.def_path for dep in evaluate.deps}
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "params/e2e-gpt2-md.yaml"])
+def test_params_files_are_in_the_form_dvc_exp_run_writes_back(tmp_path, name):
+    """`dvc exp run -S key=value` rewrites the params file through DVC's YAML round trip: the committed files are
+    already in that form (comments kept), so an experiment's `git diff params.yaml` is the changed value only."""
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` calls
+
+    original = (REPO / name).read_text()
+    copy = tmp_path / "params.yaml"
+    copy.write_text(original)
+    rank = yaml.safe_load(original)["finetune"]["lora_dim"]
+    apply_overrides(copy, [f"finetune.lora_dim={rank}"])
+    assert copy.read_text() == original, "rewrite the file in the form DVC writes (see the header of params.yaml)"
+    apply_overrides(copy, [f"finetune.lora_dim={rank * 2}"])
+    changed = [(old, new) for old, new in zip(original.splitlines(), copy.read_text().splitlines(), strict=True) if old != new]
+    assert [(old.split("#")[0].rstrip(), new.split("#")[0].rstrip()) for old, new in changed] == [
+        (f"  lora_dim: {rank}", f"  lora_dim: {rank * 2}")]
+    assert changed[0][0].partition("#")[2] == changed[0][1].partition("#")[2]  # its comment too
+
+
+def test_small_metrics_and_plots_go_to_git_and_the_rest_to_the_dvc_cache(tmp_path, monkeypatch):
+    """DVC's convention: `cache: false` outputs (metrics, plots) are committed with git, so `dvc exp show`,
+    `dvc metrics diff` and `dvc plots diff` find them at every commit; cached outputs are git-ignored. The MLflow run
+    file is local bookkeeping: neither an output nor a dependency, and git-ignored."""
+    from dvc.repo import Repo
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", tmp_path / ".gitignore")
+    git(tmp_path, "init", "-q")
+    Repo.init(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    stages = Repo(str(tmp_path)).index.stages
+
+    def ignored(path: str) -> bool:  # a directory output is ignored as a folder (`/models/` only matches folders)
+        return any(subprocess.run(["git", "check-ignore", "-q", name], cwd=tmp_path).returncode == 0 for name in (path, path + "/"))
+
+    outs = {str(out.def_path): out for stage in stages for out in stage.outs}
+    in_git = {path for path, out in outs.items() if not out.use_cache}
+    assert in_git == {*METRIC_FILES, *PLOT_FILES}
+    assert all(outs[path].metric or outs[path].plot for path in in_git)
+    assert not any(ignored(path) for path in in_git), [path for path in in_git if ignored(path)]
+    assert all(ignored(path) for path in set(outs) - in_git), [path for path in set(outs) - in_git if not ignored(path)]
+    run_file = yaml.safe_load((REPO / "params.yaml").read_text())["tracking"]["run_file"]
+    assert run_file not in outs and run_file not in {str(dep.def_path) for stage in stages for dep in stage.deps}
+    assert ignored(run_file) and ignored("mlflow.db") and ignored("mlruns/") and ignored(".prefect/")
