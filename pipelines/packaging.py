@@ -122,6 +122,19 @@ def example_contexts(cfg: FinetuneConfig, count: int = 1) -> list[str]:
     return contexts
 
 
+def search_params(model_config: dict[str, Any]) -> Any:
+    """The decoding settings a request may override as MLflow params, with the logged model's values as defaults."""
+    from mlflow.types import ParamSchema, ParamSpec
+
+    from steps.beam import REQUEST_OPTIONS
+
+    def spec(name: str) -> Any:
+        value = model_config[name]
+        return ParamSpec(name, "double", float(value)) if isinstance(value, float) else ParamSpec(name, "long", int(value))
+
+    return ParamSchema([spec(name) for name in REQUEST_OPTIONS])
+
+
 def log_and_register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> tuple[str, int]:
     """Log the final adapter as a pyfunc model (adapter files + base identity, not base weights), register, alias."""
     import pandas as pd
@@ -134,11 +147,13 @@ def log_and_register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) 
         raise InputError(f"no final adapter ({', '.join(missing)} missing); with finetune.lora_dim 0 there is no adapter to register",
                          cfg.work_dir)
     adapter_config = json.loads((cfg.work_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    model_config = model_config_for(cfg, adapter_config)
     signature = ModelSignature(
         # One required column: MLflow drops columns a signature does not name before the model sees them, so only a
         # required column lets a request without it be answered with what was expected and what was sent.
         inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
         outputs=Schema([ColSpec("string")]),
+        params=search_params(model_config),
     )
     example = pd.DataFrame({"meaning_representation": example_contexts(cfg)})
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +170,7 @@ def log_and_register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) 
                 python_model=str(PYFUNC_MODEL_FILE),
                 artifacts={"adapter": str(adapter_dir)},
                 code_paths=[str(staged_code(Path(tmp) / "code"))],
-                model_config=model_config_for(cfg, adapter_config),
+                model_config=model_config,
                 signature=signature,
                 input_example=example,
                 pip_requirements=pip_requirements(),

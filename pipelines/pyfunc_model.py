@@ -27,6 +27,7 @@ import pandas as pd
 
 BASE_ENV = "LORA_NLG_BASE_CHECKPOINT"
 INPUT_COLUMN = "meaning_representation"
+
 # The decoding settings besides the search's own (those build a steps.beam.BeamConfig).
 QUERY_KEYS = ("seq_len", "batch_size", "add_bos")
 
@@ -92,12 +93,43 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.query_options = {key: config[key] for key in QUERY_KEYS if key in config}
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
+        """One text per row. A bad request raises MLflow's INVALID_PARAMETER_VALUE, which `mlflow models serve`
+        answers with HTTP 400 and the message (a server keeps serving)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from steps.common import InputError
         from steps.decode import generate_texts
 
-        texts = contexts_from(model_input)
+        try:
+            texts = contexts_from(model_input)
+            self.check_lengths(texts)
+            search = self.search_with(params or {})
+        except (InputError, ValueError) as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         unique = list(dict.fromkeys(texts))  # E2E test sets repeat each MR many times
-        generated = dict(zip(unique, generate_texts(self.model, unique, self.search, **self.query_options)))
+        generated = dict(zip(unique, generate_texts(self.model, unique, search, **self.query_options)))
         return [generated[text] for text in texts]
+
+    def search_with(self, params: dict[str, Any]):
+        """The stored search settings with the request's decoding params (beam, length_penalty, ...) applied."""
+        import dataclasses
+
+        from steps.beam import REQUEST_OPTIONS
+
+        names = set(REQUEST_OPTIONS) & params.keys()
+        return dataclasses.replace(self.search, **{name: params[name] for name in names}) if names else self.search
+
+    def check_lengths(self, texts: list[str]) -> None:
+        """An MR longer than the model's query window would be cut silently; say so instead."""
+        from steps.common import InputError
+        from steps.tokenizer import get_tokenizer
+
+        limit = int(self.query_options.get("seq_len", 512)) - self.search.eval_len
+        tokenizer = get_tokenizer()
+        for row, text in enumerate(texts):
+            if (n := len(tokenizer.encode(text))) > limit:
+                raise InputError(f"the meaning representation in row {row} has {n} tokens; this model takes at most {limit}")
 
 
 mlflow.models.set_model(AdapterModel())

@@ -91,6 +91,10 @@ class BeamConfig:
         return cls(**{key: value for key, value in settings.items() if key in names})
 
 
+# The settings a caller may change per request (the MLflow model's params); the rest stay the model's.
+REQUEST_OPTIONS = ("beam", "length_penalty", "eval_len", "no_repeat_ngram_size", "repetition_penalty", "min_length")
+
+
 @dataclass
 class Hypothesis:
     """The best result for one query."""

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -491,3 +492,58 @@ def test_a_locked_sqlite_store_is_waited_for_within_a_stated_bound(tmp_path):
     assert 0.5 < time.monotonic() - started < 30
     releaser.join()
     holder.close()
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_the_registered_model_serves_over_http_and_answers_bad_requests_with_400(first_run, project, tmp_path):
+    """The real `mlflow models serve` on loopback: texts equal the same model loaded in process, decoding options
+    pass as params, a bad request gets HTTP 400 with what was expected, and the server keeps serving."""
+    import mlflow
+    import pandas as pd
+
+    from pipelines.packaging import fluent_store
+    from pipelines.shell import python_env  # the venv's bin first on PATH: MLflow starts `uvicorn` from it
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    mrs = ["name : The Eagle | Type : coffee shop | area : riverside", "name : Zizzi | food : Italian"]
+    with fluent_store(uri):
+        expected = mlflow.pyfunc.load_model("models:/flow-test-adapter@candidate").predict(pd.DataFrame({"meaning_representation": mrs}))
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115  (open for the server's whole life)
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/flow-test-adapter@candidate",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=python_env({"MLFLOW_TRACKING_URI": uri}), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{base}/ping", timeout=5).status == 200:
+                    break
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        split = {"dataframe_split": {"columns": ["meaning_representation"], "data": [[m] for m in mrs]}}
+        assert post_json(f"{base}/invocations", split) == (200, {"predictions": expected})
+        records = {"dataframe_records": [{"meaning_representation": mrs[1]}], "params": {"beam": 1, "eval_len": 4}}
+        status, body = post_json(f"{base}/invocations", records)
+        assert status == 200 and len(body["predictions"]) == 1 and len(body["predictions"][0].split()) <= 4
+        status, body = post_json(f"{base}/invocations", {"dataframe_split": {"columns": ["mr"], "data": [[mrs[0]]]}})
+        assert status == 400 and "meaning_representation" in body["message"] and "mr" in body["message"]
+        status, body = post_json(f"{base}/invocations", {"dataframe_records": [{"meaning_representation": " "}]})
+        assert status == 400 and "empty value in row 0" in body["message"]
+        status, body = post_json(f"{base}/invocations", {"dataframe_records": [{"meaning_representation": "name : X | " * 400}]})
+        assert status == 400 and "this model takes at most" in body["message"]
+        assert post_json(f"{base}/invocations", split) == (200, {"predictions": expected})  # still serving
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
