@@ -8,6 +8,8 @@ E2E (default): the official scorer's inputs (`measure_scores.py REF_FILE PRED_FI
 lines (or the E2E CSV with `mr,ref` columns), one prediction per line; BLEU, NIST, METEOR, ROUGE-L, CIDEr.
 WebNLG / DART: REF_FILE is a directory of reference0..referenceN-1 files (one line per instance each, as
 gpt2_decode writes them); BLEU, METEOR and TER, as GenerationEval computes them.
+E2E also gets the slot error rate (`SER`, `slot_errors`; steps/slot_error.py) when the contexts are known, and
+with --base_pred_file the base model alone is scored the same way, under `base` (steps/eval_extra.py).
 Prints the scorer's `SCORES:` block, writes the JSON atomically, and optionally logs `eval/<metric>` and a
 per-example table into the finetune stage's MLflow run.
 """
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from steps import e2e_metrics
+from steps import e2e_metrics, eval_extra
 from steps.common import InputError, iter_jsonl, run_stage, write_json
 
 REF_TYPES = ("e2e", "webnlg", "dart")
@@ -316,6 +318,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mlflow_run_file", type=Path, default=None,
                         help='JSON {"run_id": ..., "tracking_uri": ...} from the finetune stage: log eval/<metric> and a '
                         "per-example table into that run")  # fmt: skip
+    parser.add_argument("--base_pred_file", type=Path, default=None,
+                        help="predictions of the base model alone (the decode_base stage's preds.txt, same instances and "
+                        "search settings): scored against the same references and written under `base`")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -324,6 +329,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     inputs = load_inputs(args.ref_file, args.pred_file, args.ref_type, not args.no_meteor, args.predictions)
+    base_predictions = None
+    if args.base_pred_file:  # checked before any scoring, like the rest
+        base_predictions = read_predictions(args.base_pred_file, raw=args.ref_type != "e2e")
+        check_counts(base_predictions, inputs[1], args.base_pred_file, args.ref_file)
     warning = all_empty_warning(inputs[0], args.pred_file)
     if warning:
         print(warning, file=sys.stderr)
@@ -341,7 +350,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         record, table = score(inputs, args.ref_type, not args.no_meteor, args.nist, progress)
         bar.update(bar.total - bar.n)
     names = e2e_metrics.E2E_METRICS if args.ref_type == "e2e" else e2e_metrics.GENERATION_METRICS
-    print(format_scores(record, names))
+    predictions, references, contexts = inputs
+    eval_extra.add_slot_errors(record, table, contexts, predictions, args.ref_type)
+    if base_predictions is not None:
+        base_record, _ = score((base_predictions, references, contexts), args.ref_type, not args.no_meteor, args.nist)
+        eval_extra.add_base(record, base_record, names, table, base_predictions,
+                            eval_extra.slot_errors(contexts, base_predictions, args.ref_type))
+    print(format_scores(record, [*names, "SER"]))
+    if eval_extra.BASE_KEY in record:
+        print("base model alone (no adapter):\n" + format_scores(record[eval_extra.BASE_KEY], [*names, "SER"]))
     if record.get("ptb_tokenizer") == "python-approximation":
         print("note: Java not found; ROUGE_L and CIDEr used the pure-Python approximation of the PTB tokeniser")
     if args.json:
@@ -349,8 +366,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.mlflow_run_file:
         from steps.tracking import log_evaluation
 
-        log_evaluation(str(args.mlflow_run_file), {name: float(record[name]) for name in names if name in record}, table)
+        log_evaluation(str(args.mlflow_run_file), eval_extra.mlflow_metrics(record, names), table)
     headline = ", ".join(f"{name} {record[name]:.4f}" for name in names if name in record)
+    headline += (", " + eval_extra.headline(record)) if eval_extra.headline(record) else ""
     where = f" -> {args.json}" if args.json else ""
     print(f"evaluate: {record['n_instances']} instances, {headline} in {time.perf_counter() - started:.1f}s{where}", file=sys.stderr)
     return record
