@@ -1,7 +1,7 @@
 """Everything that reads or writes weights: base checkpoints, adapter files, resume state.
 
-Only safe loaders are used: safetensors, or `torch.load(weights_only=True)` on the CPU (Q15). Base weights
-must load completely: a missing or mis-shaped tensor is an error, never a silently random weight (Q14).
+Only safe loaders are used: safetensors, or `torch.load(weights_only=True)` on the CPU: a pickle that needs code to load is refused. Base weights
+must load completely: a missing or mis-shaped tensor is an error, never a silently random weight (the original loaded with strict=False).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def normalise_key(key: str) -> str:
-    """Map the key spellings found in GPT-2 checkpoints to ours (Q14).
+    """Map the key spellings found in GPT-2 checkpoints to ours.
 
     Accepts Hugging Face GPT2Model (`h.0...`), GPT2LMHeadModel (`transformer.h.0...`), the original trainer's
     DDP dumps (`module.transformer.h.0...`) and OpenAI's TF-converted suffixes (`.g`, `.b`, `.w`).

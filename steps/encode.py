@@ -1,4 +1,4 @@
-"""Formatted JSONL -> encoded JSONL of GPT-2 token ids (the original gpt2_encode.py, REFERENCE.md 2.2).
+"""Formatted JSONL -> encoded JSONL of GPT-2 token ids (the original gpt2_encode.py; docs/fidelity.md#encoding-conventions).
 
     python -m steps.encode --input data/formatted/train.jsonl --output data/encoded/train.jsonl --add_bos --add_eos
     python -m steps.encode --input_dir data/formatted --output_dir data/encoded --add_bos --add_eos

@@ -2,7 +2,7 @@
 
 The original example puts loralib's `MergedLinear` on `c_attn` with q and v adapted and k frozen. We keep its
 tensor layout (so adapters convert both ways by renaming keys only) but compute the update in low rank,
-`dropout(x) A_g^T B_g^T * alpha/r` per adapted slice, instead of rebuilding a dense delta-W every step (Q20).
+`dropout(x) A_g^T B_g^T * alpha/r` per adapted slice, instead of rebuilding a dense delta-W every step as the original did.
 
 Layout, E = number of adapted projections (2 for q, v):
     lora_A: [r * E, n_embd]   rows [g*r, (g+1)*r) belong to the g-th adapted projection
@@ -63,7 +63,7 @@ class LoRAQKV(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r * n_groups, n_embd))
         self.lora_B = nn.Parameter(torch.zeros(n_embd * n_groups, r))
         # loralib's init: Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(n), 1/sqrt(n)); B = 0 so training starts at W.
-        # Each layer draws its own A (the original deep-copied one block, giving every layer the same A: Q19).
+        # Each layer draws its own A (the original deep-copied one block, giving every layer the same A).
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(self.lora.dropout) if self.lora.dropout > 0 else nn.Identity()
 

@@ -1,4 +1,4 @@
-"""FT_Dataset semantics (REFERENCE 3.3 and Appendix A), the truncation fix (Q7), batching and sharding."""
+"""FT_Dataset semantics (the original's example layout and schedules), the truncation fix, batching and sharding."""
 
 from __future__ import annotations
 
