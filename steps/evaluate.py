@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from steps import e2e_metrics, eval_extra
-from steps.common import InputError, iter_jsonl, run_stage, write_json
+from steps.common import InputError, iter_jsonl, require_writable, run_stage, write_json
 
 REF_TYPES = ("e2e", "webnlg", "dart")
 # CSV column names accepted for the MR and the reference (the E2E release uses "mr" and "ref").
@@ -328,6 +328,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     started = time.perf_counter()
+    if args.json:
+        require_writable(Path(args.json).parent)  # a read-only output dir fails now, not after scoring
     inputs = load_inputs(args.ref_file, args.pred_file, args.ref_type, not args.no_meteor, args.predictions)
     base_predictions = None
     if args.base_pred_file:  # checked before any scoring, like the rest

@@ -64,13 +64,15 @@ def test_training_on_a_full_disk_says_so_in_one_line_and_leaves_no_temp_files(tm
         assert leftovers(out) == []
 
 
-@pytest.mark.parametrize("stage", ["encode", "train", "decode"])
+@pytest.mark.parametrize("stage", ["encode", "train", "decode", "evaluate"])
 def test_a_read_only_output_directory_is_refused_before_any_compute(tmp_path, stage):
     with tmpfs(tmp_path / "ro", "64k", read_only=True) as out:
         if stage == "encode":
             argv = ["steps.encode", "--input", str(write_formatted(tmp_path / "f" / "train.jsonl", 10)), "--output", str(out / "x.jsonl")]
         elif stage == "train":
             argv = ["steps.train", *tiny_run_args(tmp_path / "data", out / "run")]
+        elif stage == "evaluate":
+            argv = ["steps.evaluate", str(tmp_path / "refs.txt"), str(tmp_path / "preds.txt"), "--json", str(out / "eval.json")]
         else:
             argv = ["steps.decode", "--data", str(tmp_path / "none.jsonl"), "--adapter", str(tmp_path / "none"), "--work_dir", str(out)]
         done = run(*argv)
