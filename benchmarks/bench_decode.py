@@ -46,7 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` and `steps` importable
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: `benchmarks`, `steps` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: `benchmarks`, `steps` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.capturable_adamw import CapturableAdamW
 from steps.optim import AdamW
 
