@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,12 @@ def repo_root() -> Path:
 # draws from torch's generator and the trainer seeds it by design, so every test "changes" it. Restoring it after each
 # test gives every test the same starting state whatever ran before it, which is what order independence needs.
 
-# Set by pytest itself, with a different value in each phase of each test.
-IGNORED_ENV = {"PYTEST_CURRENT_TEST"}
+IGNORED_ENV = {
+    "PYTEST_CURRENT_TEST",  # set by pytest itself, with a different value in each phase of each test
+    # Set by torch itself when torch._dynamo/_inductor is first imported (lazily: torch.compile, use_deterministic_algorithms,
+    # ...) to the default it would resolve anyway; whichever test imports it first would be blamed for torch's own setting.
+    "TORCHINDUCTOR_CACHE_DIR",
+}
 GUARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -115,8 +120,8 @@ def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]
                 elif old[name] != new[name]:
                     changes.append(f"environment: {name} {_short(old[name])} -> {_short(new[name])}")
         elif key == "sys.path":
-            added = [p for p in new if p not in old]
-            removed = [p for p in old if p not in new]
+            added = list((Counter(new) - Counter(old)).elements())  # a second copy of an entry counts as added
+            removed = list((Counter(old) - Counter(new)).elements())
             detail = "; ".join(filter(None, [added and f"added {added}", removed and f"removed {removed}"])) or "reordered"
             changes.append(f"sys.path {detail}")
         elif key == "signal handlers":
@@ -127,15 +132,24 @@ def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]
 
 
 def restore_process_state(before: dict[str, Any]) -> None:
-    """Undo whatever `describe_changes` would report (interop threads cannot be set again once used: left as is)."""
-    torch.set_num_threads(before["torch threads"])
-    torch.set_default_dtype(before["torch default dtype"])
-    torch.set_grad_enabled(before["torch grad mode"])
-    torch.set_float32_matmul_precision(before["torch float32 matmul precision"])
-    torch.use_deterministic_algorithms(before["torch deterministic algorithms"])
-    os.chdir(before["working directory"])
-    sys.path[:] = before["sys.path"]
-    os.umask(int(before["umask"], 8))
+    """Undo whatever `describe_changes` would report (interop threads cannot be set again once used: left as is).
+
+    Only what differs is set: a setter can have effects of its own (use_deterministic_algorithms imports torch._inductor)."""
+    now = process_state()
+    setters = {
+        "torch threads": torch.set_num_threads,
+        "torch default dtype": torch.set_default_dtype,
+        "torch grad mode": torch.set_grad_enabled,
+        "torch float32 matmul precision": torch.set_float32_matmul_precision,
+        "torch deterministic algorithms": torch.use_deterministic_algorithms,
+        "working directory": os.chdir,
+        "umask": lambda mask: os.umask(int(mask, 8)),
+    }
+    for key, setter in setters.items():
+        if now[key] != before[key]:
+            setter(before[key])
+    if now["sys.path"] != before["sys.path"]:
+        sys.path[:] = before["sys.path"]
     for name, handler in before["signal handlers"].items():
         if handler is not None and signal.getsignal(signal.Signals[name]) != handler:
             signal.signal(signal.Signals[name], handler)
