@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -12,6 +15,20 @@ from steps.checkpoints import save_hf_checkpoint
 from steps.model import CARDS, GPT2
 
 EOS = 50256
+PINNED_THREADS = 1  # torch threads on both sides of a bitwise comparison between two runs
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int = PINNED_THREADS) -> Iterator[dict[str, str]]:
+    """For a bitwise comparison between a run in this process and one in a subprocess: a matmul's reduction order,
+    hence its last bits, depends on the torch thread count. Inside the block this process uses `threads`; the value
+    is the environment to give the subprocess (OMP_NUM_THREADS, which torch reads at start). The count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_encoded(path: Path, n: int, seed: int, vocab: int = 2000) -> Path:

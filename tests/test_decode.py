@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import pinned_threads
 
 import steps.decode as decode
 from benchmarks.bench_decode import reference_search
@@ -241,18 +242,19 @@ def trained(tmp_path_factory):
     return root, model
 
 
-def decode_cli(root: Path, *extra: str) -> subprocess.CompletedProcess:
+def decode_cli(root: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "steps.decode", "--data", str(root / "test.jsonl"), "--adapter", str(root / "adapter"),
             "--init_checkpoint", str(root / "base.safetensors"), "--beam", "3", "--eval_len", "8", "--batch_size", "2",
             "--length_penalty", "0.8", "--eos_token_id", "628", "--device", "cpu", *extra]
-    return subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    return subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300, env=env)
 
 
 def test_decode_cli_end_to_end(trained, tmp_path):
     root, lora_model = trained
     out = tmp_path / "out"
-    done = decode_cli(root, "--input_file", str(root / "test_formatted.jsonl"), "--work_dir", str(out),
-                      "--output_file", "predict.jsonl")
+    with pinned_threads() as env:  # the CLI's predictions are compared with an in-process search: same thread count
+        done = decode_cli(root, "--input_file", str(root / "test_formatted.jsonl"), "--work_dir", str(out),
+                          "--output_file", "predict.jsonl", env=env)
     assert done.returncode == 0, done.stderr
     assert "4 lines, 2 unique queries, beam 3" in done.stdout and "MRs/s" in done.stdout
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -262,7 +264,8 @@ def test_decode_cli_end_to_end(trained, tmp_path):
     assert preds[0]["prediction"] and preds[2]["prediction"] and preds[0]["prediction"] != preds[2]["prediction"]
     # The same search in-process with the unmerged LoRA model: the CLI loaded base + adapter and merged correctly.
     cfg = BeamConfig(beam=3, eval_len=8, length_penalty=0.8, eos_token_ids=(EOS_ID, 628))
-    expected = decode.generate_texts(lora_model.eval(), [p["context"] for p in preds], cfg)
+    with pinned_threads():
+        expected = decode.generate_texts(lora_model.eval(), [p["context"] for p in preds], cfg)
     assert [p["prediction"] for p in preds] == expected
     # Scorer files: 2 groups; and the original-format file decodes to the same predictions.
     refs = (out / "refs.txt").read_text()
