@@ -181,6 +181,7 @@ def test_e2e_pairs_fall_back_to_the_generated_sample(monkeypatch, tmp_path):
     assert all(context[-1] == EOS_ID and completion[-1] == EOS_ID for context, completion in encoded)
 
 
+@pytest.mark.slow
 def test_bench_decode_tiny_run(tmp_path):
     out = tmp_path / "decode.json"
     assert bench_decode.main(["--tiny", "--threads", "1", "--out", str(out)]) == 0
