@@ -280,8 +280,10 @@ def apply_adapter(model: GPT2, tensors: dict[str, torch.Tensor], source: str | o
 
 def save_resume_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Atomically write the resume state (tensors and plain Python values only: weights_only-loadable)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Through a file object: given a path, torch.save names the zip's inner folder after the (random) temporary
+    # file name, so identical states would differ in bytes and DVC would see a new work dir on every run.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:

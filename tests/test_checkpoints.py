@@ -99,6 +99,7 @@ def test_original_checkpoint_with_other_keys_is_a_clear_error(tmp_path):
         load_adapter(path, lora_alpha=32)
 
 
+@pytest.mark.slow
 def test_every_adapter_save_gives_the_same_bytes(tmp_path):
     """DVC and users compare adapters by hash: safetensors' metadata order used to vary from process to process."""
     import subprocess
@@ -122,3 +123,13 @@ def test_truncated_resume_state_is_a_clear_error(tmp_path):
     (tmp_path / "state.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match=r"the resume state is damaged.*--resume never"):
         load_resume_state(tmp_path / "state.pt")
+
+
+def test_equal_resume_states_are_equal_bytes(tmp_path):
+    """The work dir is a DVC output: the same training must give the same bytes (the temp name used to leak in)."""
+    from steps.checkpoints import save_resume_state
+
+    state = {"step": 3, "trainable": {"w": torch.arange(10.0)}}
+    save_resume_state(tmp_path / "a.pt", state)
+    save_resume_state(tmp_path / "b.pt", state)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
