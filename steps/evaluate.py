@@ -2,7 +2,7 @@
 
     python -m steps.evaluate REF_FILE PRED_FILE [--json metrics/eval.json] [--no_meteor] [--nist python|perl]
                              [--ref_type e2e|webnlg|dart] [--predictions outputs/predictions.jsonl]
-                             [--mlflow_run_file models/finetune/mlflow_run.json]
+                             [--mlflow_run_file models/mlflow_run.json]
 
 E2E (default): the official scorer's inputs (`measure_scores.py REF_FILE PRED_FILE -p`): references grouped by blank
 lines (or the E2E CSV with `mr,ref` columns), one prediction per line; BLEU, NIST, METEOR, ROUGE-L, CIDEr.
