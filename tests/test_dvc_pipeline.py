@@ -348,7 +348,7 @@ def test_a_fresh_clone_reproduces_the_committed_results(applied, project, tmp_pa
 
 
 def test_e2e_profile_is_a_drop_in_params_file_with_the_paper_recipe():
-    """params/e2e-gpt2-md.yaml replaces params.yaml (same sections and keys) and holds REFERENCE.md 13.3."""
+    """params/e2e-gpt2-md.yaml replaces params.yaml (same sections and keys) and holds the paper's E2E recipe."""
     from pipelines.finetune import trainer_argv
     from steps.train_config import parse_config
 
