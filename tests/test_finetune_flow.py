@@ -149,17 +149,23 @@ def test_registered_model_alias_points_at_the_run(first_run, client):
     assert int(version.version) == first_run["result"]["version"]
 
 
+def use_store(monkeypatch, uri: str) -> None:
+    """MLflow's fluent API on `uri` for one test: through its environment variables (undone after the test), and a
+    copy of sys.path (loading a model adds its code directory)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
 @pytest.mark.slow
-def test_pyfunc_model_loads_by_alias_and_generates(first_run, project, tmp_path):
+def test_pyfunc_model_loads_by_alias_and_generates(first_run, project, tmp_path, monkeypatch):
     import mlflow
     import pandas as pd
 
     import steps.decode as decode
     from steps.beam import BeamConfig
 
-    uri = f"sqlite:///{project / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    use_store(monkeypatch, f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/flow-test-adapter@candidate")
     mrs = ["name[The Eagle], eatType[coffee shop], area[riverside]", "name[Zizzi], food[Italian]",
            "name[The Eagle], eatType[coffee shop], area[riverside]"]
@@ -193,9 +199,7 @@ def test_pyfunc_model_needs_the_right_base(first_run, project, tmp_path, monkeyp
 
     from steps.common import InputError
 
-    uri = f"sqlite:///{project / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    use_store(monkeypatch, f"sqlite:///{project / 'mlflow.db'}")
     other_base = tmp_path / "other.safetensors"
     from steps import make_base
 
@@ -224,14 +228,13 @@ def processes() -> dict[int, tuple[int, str, str]]:
 
 
 def kill_trainer_after_first_checkpoint(project: Path, work_dir: str, killed: list[int], timeout: float = 300) -> None:
-    """From outside the flow: once a checkpoint and its resume state exist, SIGKILL the ranks torchrun started."""
+    """From outside the flow: once a checkpoint and its resume state exist, SIGKILL the trainer processes (the flow
+    starts them directly on one node, or through torchrun on several)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (project / work_dir / "checkpoints/step_4/adapter.safetensors").is_file() and (project / work_dir / "resume/state.pt").is_file():
-            table = processes()
-            launchers = {pid for pid, (_, cmd, cwd) in table.items()
-                         if "torch.distributed.run" in cmd and f"--work_dir {work_dir}" in cmd and cwd == str(project)}
-            ranks = [pid for pid, (ppid, cmd, _) in table.items() if ppid in launchers and "steps.train" in cmd]
+            ranks = [pid for pid, (_, cmd, cwd) in processes().items()
+                     if "-m steps.train" in cmd and f"--work_dir {work_dir}" in cmd and cwd == str(project)]
             for pid in ranks:
                 os.kill(pid, signal.SIGKILL)
             killed.extend(ranks)
@@ -288,7 +291,7 @@ def test_killed_trainer_is_retried_resumes_and_matches_the_uninterrupted_run(fir
             messages = [log.message for log in prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
             time.sleep(1)
     assert any("resumed from" in m for m in messages), "the retry did not resume from the checkpoint"
-    assert any("exitcode" in m and "-9" in m for m in messages)  # torchrun's report of the kill reached the flow's logs
+    assert any("trainer exited with status -9" in m for m in messages)  # the kill, as the retried failure, in the flow's logs
 
     final = load_file(str(project / "models/killed/adapter.safetensors"))
     reference = load_file(str(project / "models/first/adapter.safetensors"))
