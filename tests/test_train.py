@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_run_args, write_base
+from helpers import pinned_threads, tiny_run_args, write_base
 
 from steps.checkpoints import load_adapter, load_base_weights, load_resume_state, read_tensors
 from steps.data import build_examples, collate, load_encoded
@@ -34,6 +35,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_training_learns_and_writes_every_output(tmp_path):
     work = tmp_path / "run"
     assert main(tiny_run_args(tmp_path / "data", work, max_step=30, lr=3e-2, log_interval=5, eval_interval=10, save_interval=10)) == 0
@@ -55,6 +57,7 @@ def test_training_learns_and_writes_every_output(tmp_path):
     assert summary["steps"] == 30 and summary["best_valid_loss"] == pytest.approx(min(float(r["valid_loss"]) for r in valid_log))
 
 
+@pytest.mark.slow
 def test_lora_dim_0_fine_tunes_the_whole_model_as_the_original_default(tmp_path):
     work = tmp_path / "full"
     args = tiny_run_args(tmp_path / "data", work, lora_dim=0, lr=1e-3, max_step=12, log_interval=4, eval_interval=12, save_interval=12)
@@ -108,8 +111,8 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B"))  # it really trained
 
 
-def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _run(args: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "PYTHONPATH": str(REPO)}
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kwargs)
 
 
@@ -127,12 +130,14 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert float(v1[-1]["valid_loss"]) == pytest.approx(float(v2[-1]["valid_loss"]), rel=1e-5)  # sharded + all-reduced
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
     args = dict(max_step=60, save_interval=5, log_interval=5, eval_interval=20, lora_dropout=0.1)
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    assert main(tiny_run_args(tmp_path / "data", reference, **args)) == 0
+    with pinned_threads() as env:  # bitwise comparison below: the same thread count here and in the subprocesses
+        assert main(tiny_run_args(tmp_path / "data", reference, **args)) == 0
     cmd = [sys.executable, "-m", "steps.train", *tiny_run_args(tmp_path / "data", interrupted, **args)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = interrupted / "resume" / "state.pt"
     deadline = time.time() + 120
@@ -141,7 +146,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (interrupted / "summary.json").exists(), "the run finished before it could be killed"
-    result = _run(cmd)
+    result = _run(cmd, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     a, b = adapter_tensors(reference), adapter_tensors(interrupted)
@@ -232,3 +237,26 @@ def test_frozen_weights_stored_in_bf16_give_the_same_losses_and_grads_as_autocas
         results.append((loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_trainer_in_seconds_and_the_rerun_resumes(tmp_path):
+    """SIGINT to the trainer's process group (what Ctrl-C sends): a one-line message, exit 130 within seconds,
+    the checkpoints kept, and the next run continues from the last one."""
+    argv = [sys.executable, "-m", "steps.train", *tiny_run_args(tmp_path / "data", tmp_path / "run", max_step=100000,
+                                                               log_interval=1, save_interval=2, eval_interval=100000)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if "| step      4/" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - started < 30
+    assert err.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err
+    assert (tmp_path / "run/resume/state.pt").is_file()
+    rerun = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    resumed = next((line for line in rerun.stdout if line.startswith("resumed from")), "")
+    os.killpg(rerun.pid, signal.SIGINT)
+    rerun.communicate(timeout=60)
+    assert re.search(r"at update ([2-9]|\d\d+)", resumed), resumed
