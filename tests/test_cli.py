@@ -6,7 +6,8 @@ import importlib
 
 import pytest
 
-COMMANDS = ["steps.train", "steps.decode", "steps.encode", "steps.prepare", "pipelines.finetune",
+# steps.train_config holds the trainer's command line (python -m steps.train).
+COMMANDS = ["steps.train_config", "steps.decode", "steps.encode", "steps.prepare", "pipelines.finetune",
             "benchmarks.bench_train", "benchmarks.bench_decode"]
 
 
