@@ -35,7 +35,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
 def test_training_learns_and_writes_every_output(tmp_path):
     work = tmp_path / "run"
     assert main(tiny_run_args(tmp_path / "data", work, max_step=30, lr=3e-2, log_interval=5, eval_interval=10, save_interval=10)) == 0
@@ -57,7 +56,6 @@ def test_training_learns_and_writes_every_output(tmp_path):
     assert summary["steps"] == 30 and summary["best_valid_loss"] == pytest.approx(min(float(r["valid_loss"]) for r in valid_log))
 
 
-@pytest.mark.slow
 def test_lora_dim_0_fine_tunes_the_whole_model_as_the_original_default(tmp_path):
     work = tmp_path / "full"
     args = tiny_run_args(tmp_path / "data", work, lora_dim=0, lr=1e-3, max_step=12, log_interval=4, eval_interval=12, save_interval=12)
