@@ -54,6 +54,7 @@ def write(path: Path, text: str) -> Path:
 # ---------------------------------------------------------------- acceptance on the official test set
 
 
+@pytest.mark.slow
 @needs_java
 def test_reproduces_the_official_scorer_on_the_e2e_test_set(shared_data: Path, tmp_path: Path, capsys) -> None:
     refs, preds = e2e_eval_files(shared_data)

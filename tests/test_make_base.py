@@ -33,6 +33,7 @@ def pretrained(corpus_file, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow  # the shared `pretrained` fixture: about 30 s
 def test_pretraining_reduces_the_held_out_lm_loss(pretrained):
     summary = json.loads((pretrained.parent / make_base.SUMMARY_FILE).read_text())
     assert summary["updates"] == 8 and summary["train_texts"] == 74 and summary["held_out_texts"] == 16 and summary["pack"] == 4
@@ -42,6 +43,7 @@ def test_pretraining_reduces_the_held_out_lm_loss(pretrained):
         assert (pretrained.parent / log).read_text().startswith("step,")
 
 
+@pytest.mark.slow  # the shared `pretrained` fixture: about 30 s
 def test_pretrained_base_is_a_full_hf_checkpoint_that_differs_from_the_init(pretrained, tmp_path):
     random_init = tmp_path / "init.safetensors"
     assert make_base.main(["--model_card", "gpt2.tiny", "--seed", "0", "--output", str(random_init)]) == 0
