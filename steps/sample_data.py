@@ -6,9 +6,10 @@ phrase banks in the same word-tokenised style (`family - friendly`, `It 's`,
 spaces before `.` and `,`) and mention every slot of their MR. Splits share no
 MR, and the references of one MR are contiguous, as in the real valid/test files.
 
-It also writes a pretraining corpus: restaurant descriptions alone, one per line, without their MRs, each
-from its own MR that appears in no split. The `base` stage trains the tiny GPT-2 on it as a plain language
-model, the offline stand-in for GPT-2's web-text pretraining, before any adapter sees an MR->text pair.
+It also writes a pretraining corpus: restaurant descriptions alone, one per line, without their MRs, from MRs
+that appear in no split. Like web text, which mentions a place more than once, each venue is described by a few
+consecutive lines (different wordings of the same facts). The `base` stage trains the tiny GPT-2 on it as a plain
+language model, the offline stand-in for GPT-2's web-text pretraining, before any adapter sees an MR->text pair.
 
 Everything comes from one `random.Random(seed)` and never iterates over a set, so
 the same seed gives byte-identical files on any machine.
@@ -217,15 +218,16 @@ def generate_sample(
     return splits
 
 
-def pretraining_corpus(seed: int, texts: int, exclude: Collection[str]) -> list[tuple[str, str]]:
-    """`texts` (rendered MR, description) pairs, one per distinct MR that is not in `exclude` (the splits' MRs).
+def pretraining_corpus(seed: int, texts: int, exclude: Collection[str], per_mr: int = 1) -> list[tuple[str, str]]:
+    """`texts` (rendered MR, description) pairs: `per_mr` consecutive distinct descriptions per distinct MR that is
+    not in `exclude` (the splits' MRs); the last MR may get fewer, to make the count exact.
 
     Only the descriptions are written (`write_corpus`); the MRs are returned so tests can check the disjointness.
     Its own random stream (seeded by a string, which Python hashes with SHA-512, not the per-process hash), so
     the splits are the same bytes whatever the corpus size, and the corpus the same for the same seed.
     """
-    if texts < 0:
-        raise InputError(f"the pretraining corpus needs 0 or more texts; got {texts}")
+    if texts < 0 or per_mr < 1:
+        raise InputError(f"the pretraining corpus needs 0 or more texts, 1 or more per MR; got {texts}, {per_mr} per MR")
     rng = random.Random(f"pretraining corpus {seed}")
     used: set[str] = set()  # membership only: never iterated, so no set order reaches the output
     corpus: list[tuple[str, str]] = []
@@ -237,7 +239,7 @@ def pretraining_corpus(seed: int, texts: int, exclude: Collection[str]) -> list[
         if rendered in exclude or rendered in used:
             continue
         used.add(rendered)
-        corpus.append((rendered, random_reference(mr, rng)))
+        corpus += [(rendered, text) for text in references_for(mr, min(per_mr, texts - len(corpus)), rng)]
     if len(corpus) < texts:
         raise InputError(f"could not draw {texts} MRs outside the splits for the pretraining corpus; ask for fewer")
     return corpus
@@ -273,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus_file", default=None, help="also write the pretraining corpus here: descriptions "
                         "only, one per line, from MRs in no split (the base stage's language-model data)")
     parser.add_argument("--corpus_texts", type=int, default=4000, help="descriptions in the pretraining corpus")
+    parser.add_argument("--corpus_texts_per_mr", type=int, default=2, help="consecutive descriptions of each venue")
     args = parser.parse_args(argv)
     return run_stage(lambda: run(args))
 
@@ -280,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     splits = generate_sample(args.seed, args.train_mrs, args.valid_mrs, args.test_mrs)
-    corpus = pretraining_corpus(args.seed, args.corpus_texts, split_mrs(splits)) if args.corpus_file else None
+    corpus = None
+    if args.corpus_file:
+        corpus = pretraining_corpus(args.seed, args.corpus_texts, split_mrs(splits), args.corpus_texts_per_mr)
     write_text_files(splits, Path(args.out_dir))
     written = ", ".join(f"{split} {len(lines)} lines" for split, lines in splits.items()) + f" to {args.out_dir}"
     if corpus is not None:

@@ -155,6 +155,18 @@ def test_corpus_same_seed_same_texts_and_prefix_stable(sample, corpus):
     assert pretraining_corpus(1, 500, split_mrs(sample)) != corpus[:500]
 
 
-def test_corpus_negative_size_is_a_clear_error():
+def test_corpus_describes_each_venue_in_consecutive_lines(sample):
+    """per_mr: a venue's descriptions are neighbours (different wordings, same facts), as web text repeats a place."""
+    corpus = pretraining_corpus(0, 301, split_mrs(sample), per_mr=3)
+    assert len(corpus) == 301
+    groups = [[text for _, text in group] for _, group in groupby(corpus, key=lambda pair: pair[0])]
+    assert [len(g) for g in groups] == [3] * 100 + [1]  # the last venue is cut to make the count exact
+    assert all(len(set(g)) == len(g) for g in groups)
+    assert len({mr for mr, _ in corpus}) == 101 and not {mr for mr, _ in corpus} & split_mrs(sample)
+
+
+def test_corpus_bad_sizes_are_a_clear_error():
     with pytest.raises(InputError, match="0 or more"):
         pretraining_corpus(0, -1, set())
+    with pytest.raises(InputError, match="1 or more per MR"):
+        pretraining_corpus(0, 10, set(), per_mr=0)
