@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random base weights")
+    p.add_argument("--init_checkpoint", default=None, help="trained weights instead of the random base: a model.safetensors "
+                   "(e.g. models/base/model.safetensors after dvc repro); the card is read from the adapter when one is given")
+    p.add_argument("--adapter", default=None, help="with --init_checkpoint: a LoRA adapter directory merged into it "
+                   "(e.g. models/finetune). A trained model ends its own hypotheses: use --stop_after 0")
     p.add_argument("--tiny", action="store_true", help="smoke-test size: gpt2.tiny, 4 MRs, 3 reference lines, eval_len 12, "
                    "--stop_after 5,0 unless given")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/out/decode_<device>_<card>.json)")
@@ -304,6 +308,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)  # --threads is for this run only: a caller in the same process keeps its own
 
 
+def trained_or_random(args: argparse.Namespace, cfg: Any, device: torch.device) -> GPT2:
+    """The weights to decode with: --init_checkpoint (+ --adapter), else the seeded random base of --model_card."""
+    if args.init_checkpoint:
+        from steps.decode import load_for_inference
+
+        return load_for_inference(args.adapter, args.init_checkpoint, device, model_card=args.model_card).eval()
+    if args.adapter:
+        raise InputError("--adapter needs --init_checkpoint, the base it was trained on")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return GPT2(cfg).eval().to(device)
+
+
 def run(args: argparse.Namespace) -> None:
     if args.tiny:
         apply_tiny(args)
@@ -316,8 +333,7 @@ def run(args: argparse.Namespace) -> None:
     queries, mean_ref_tokens, source, total_lines, total_mrs = load_queries(args)
     stops = stop_settings(args.stop_after, mean_ref_tokens, args.eval_len)
     machine = common.machine_info(str(device))
-    torch.manual_seed(args.seed)
-    base = GPT2(cfg).eval().to(device)
+    base = trained_or_random(args, cfg, device)
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     precisions = [("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p for p in precisions]
     if not precisions or any(p not in ("fp32", "bf16") for p in precisions):

@@ -1,6 +1,6 @@
 """`dvc repro` and DVC experiments end to end in a throw-away git repository, on a tiny configuration.
 
-Every stage runs for real (sample -> prepare -> encode -> base -> finetune flow -> decode -> evaluate) in a
+Every stage runs for real (sample -> prepare -> encode -> base -> finetune flow -> decode, decode_base -> evaluate) in a
 fresh git repository holding a copy of this checkout, as a user's clone would. Then, as DVC users work:
 commit the results (metrics and plots are committed with git, models and data are in the DVC cache); a second
 `dvc repro` does nothing; two `dvc exp run -S ...` experiments rerun only what depends on the parameter and
@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["sample", "prepare", "encode", "base", "finetune", "decode", "evaluate"]
+STAGES = ["sample", "prepare", "encode", "base", "finetune", "decode", "decode_base", "evaluate"]
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 TRAIN_SUMMARY = ("best_valid_loss", "final_train_loss")
 METRIC_FILES = ("metrics/eval.json", "metrics/train_summary.json")
@@ -35,7 +35,8 @@ RUN_FILE = "models/mlflow_run.json"
 pytestmark = pytest.mark.timeout(1800)
 
 TINY = {
-    "sample": {"train_mrs": 40, "valid_mrs": 4, "test_mrs": 3},
+    "sample": {"train_mrs": 40, "valid_mrs": 4, "test_mrs": 3, "corpus_texts": 40},
+    "base": {"updates": 4, "batch_size": 2, "valid_texts": 8},
     "finetune": {"max_step": 8, "warmup_step": 2, "log_interval": 4, "eval_interval": 4, "save_interval": 4, "train_batch_size": 4},
     "flow": {"retry_delay_seconds": 0},
     "decode": {"beam": 2, "eval_len": 8, "batch_size": 4},
@@ -156,10 +157,14 @@ def test_every_stage_runs_and_writes_its_outputs(baseline, project):
         assert f"Running stage '{stage}'" in baseline["log"], stage
     for path in ["data/raw/sample/train.txt", "data/formatted/test.jsonl", "data/encoded/train.jsonl", "models/base/model.safetensors",
                  "models/finetune/adapter.safetensors", "models/finetune/checkpoints/step_4/adapter.safetensors",
-                 "outputs/predictions.jsonl", "outputs/refs.txt", "outputs/preds.txt", "plots/loss.png", RUN_FILE]:
+                 "outputs/predictions.jsonl", "outputs/refs.txt", "outputs/preds.txt", "plots/loss.png", RUN_FILE,
+                 "data/raw/pretrain/corpus.txt", "models/base/pretrain.json", "outputs_base/preds.txt"]:
         assert (project / path).is_file(), path
     for metric in SCORES:
         assert isinstance(baseline["scores"][metric], float), metric
+        assert isinstance(baseline["scores"]["base"][metric], float), metric  # the base alone, scored the same way
+    pretrain = json.loads((project / "models/base/pretrain.json").read_text())
+    assert pretrain["updates"] == 4 and pretrain["held_out_loss"] < pretrain["held_out_loss_init"]
     assert baseline["scores"]["n_instances"] == 3  # test_mrs
     summary = baseline["summary"]
     assert summary["steps"] == 8 and all(isinstance(summary[key], float) for key in TRAIN_SUMMARY), summary
