@@ -185,12 +185,12 @@ def training_run_of_adapter(client: Any, cfg: FinetuneConfig, named: str) -> str
 def version_tags(cfg: FinetuneConfig, run_id: str, scores: dict[str, float], test_data: str) -> dict[str, str]:
     """What the registry page shows for each version: scores, base and test data identity, the run."""
     adapter_config = json.loads((cfg.work_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    tags = {name: f"{value:.6g}" for name, value in scores.items()}
+    tags = {name: repr(value) for name, value in scores.items()}  # full precision: the next champion decision reads them
     tags.update(run_id=run_id, base_sha256=(adapter_config.get("base") or {}).get("sha256") or "", test_data=cfg.decode["ref_file"])
     tags[TEST_DATA_TAG] = test_data
     summary = cfg.work_dir / "summary.json"
     if summary.is_file() and "best_valid_loss" in (loaded := json.loads(summary.read_text(encoding="utf-8"))):
-        tags["best_valid_loss"] = f"{loaded['best_valid_loss']:.6g}"
+        tags["best_valid_loss"] = repr(float(loaded["best_valid_loss"]))
     return tags
 
 
