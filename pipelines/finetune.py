@@ -2,7 +2,8 @@
 
 It checks the whole configuration first (one line and exit 2 on a bad value, before Prefect, MLflow or
 the work dir are touched), then runs the Prefect flow of pipelines/finetune_flow.py: an MLflow run,
-torchrun steps.train with retries, the adapter logged and registered. Every setting comes from params.yaml.
+torchrun steps.train with retries, the run ended. The register stage (pipelines/register.py) logs and registers the
+adapter after the evaluation. Every setting comes from params.yaml.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ __all__ = ["FinetuneConfig", "build_parser", "load_config", "main", "torchrun_ar
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.finetune",
-        description="Run the finetune stage as a Prefect flow: an MLflow run, torchrun steps.train with retries, "
-        "the adapter logged as a pyfunc model and registered. Every setting comes from the params file.",
+        description="Run the finetune stage as a Prefect flow: an MLflow run, torchrun steps.train with retries. "
+        "(The register stage logs and registers the adapter after the evaluation.) Every setting comes from the params file.",
     )
     parser.add_argument("--params", default="params.yaml", help="params file (sections finetune, flow, tracking, decode); "
                         "it and the relative paths inside it are resolved against --project_dir")
@@ -50,8 +51,7 @@ def run(args: argparse.Namespace) -> None:
         return
     summary = result["summary"]
     print(f"finetune: {summary.get('steps')} updates, best valid loss {summary.get('best_valid_loss', float('nan')):.4f}, "
-          f"MLflow run {result['run_id']}{' (resumed)' if result['resumed'] else ''}, registered "
-          f"{result['model']} v{result['version']} @{result['alias']}, {result['seconds']:.0f}s")
+          f"MLflow run {result['run_id']}{' (resumed)' if result['resumed'] else ''}, {result['seconds']:.0f}s")
 
 
 class FlowFailed(RuntimeError):

@@ -19,7 +19,7 @@ from steps.train_config import build_parser, option_problems
 
 FLOW_KEYS = ["torchrun", "retries", "retry_delay_seconds"]
 TORCHRUN_KEYS = ["nproc_per_node", "nnodes", "node_rank"]
-TRACKING_KEYS = ["tracking_uri", "experiment", "registered_model", "alias", "run_file"]
+TRACKING_KEYS = ["tracking_uri", "experiment", "run_file"]
 DECODE_KEYS = ["beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "eos_token_id", "min_length",
                "eval_len", "seq_len", "batch_size"]
 REQUIRED_TRAINER_KEYS = ["train_data", "valid_data", "work_dir", "init_checkpoint", "model_card"]

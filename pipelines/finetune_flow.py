@@ -5,7 +5,8 @@
 2. Train: torchrun steps.train with the `finetune` section as flags (pipelines/trainer_launch.py), retried
    after crashes (each retry resumes from the last checkpoint), never after bad input or a diverged loss.
    The trainer logs its losses and checkpoints to the run and writes the DVC metric and plot files.
-3. Log the adapter as an MLflow pyfunc model and register it (pipelines/packaging.py).
+3. Log the outcome (resolved params, the trainer's logs) and end the run. The adapter is logged as an MLflow model
+   and registered later, by the register stage after the evaluation (pipelines/register.py).
 
 Import this module only after pipelines.settings.apply_env_defaults(): Prefect reads its settings at import.
 """
@@ -21,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from pipelines import mlflow_run, packaging, trainer_launch, work_dir
+from pipelines import mlflow_run, trainer_launch, work_dir
 from pipelines.finetune_config import FinetuneConfig, load_config
 from steps.common import lock_work_dir
 
@@ -47,17 +48,15 @@ def train(cfg: FinetuneConfig, run_id: str | None, lock_fd: int) -> None:
     trainer_launch.run_trainer(cfg, run_id, get_run_logger().info, lock_fd)
 
 
-@task(name="log-and-register-model", cache_policy=NO_CACHE)
-def register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> int:
+@task(name="log-outcome", cache_policy=NO_CACHE)
+def finish_run(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> None:
     mlflow_run.log_outcome(cfg, run_id, summary)
-    model_uri, version = packaging.log_and_register(cfg, run_id, summary)  # ends the run (FINISHED)
-    get_run_logger().info(f"registered {cfg.tracking['registered_model']} v{version} (@{cfg.tracking['alias']}) from {model_uri}")
-    return version
+    mlflow_run.mark_finished(cfg, run_id)
 
 
 @flow(name="finetune", log_prints=True)
 def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Fine-tune with LoRA under torchrun, tracked in MLflow; register the adapter. See the module docstring."""
+    """Fine-tune with LoRA under torchrun, tracked in MLflow. See the module docstring."""
     started = time.perf_counter()
     cfg = load_config(params_file, project_dir, overrides)
     train_with_retries = train.with_options(retries=int(cfg.launch["retries"]),
@@ -65,14 +64,14 @@ def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides
     lock_fd = lock_work_dir(cfg.work_dir)  # one writer per work dir: held (and shared with the trainer) until the flow ends
     try:
         if cfg.node_rank != 0:
-            # Other nodes only contribute ranks; node 0 owns the MLflow run, the outputs and the registry.
+            # Other nodes only contribute ranks; node 0 owns the MLflow run and the outputs.
             train_with_retries(cfg, None, lock_fd)
             return {"node_rank": cfg.node_rank}
         run_id, experiment_id, resumed = start_run(cfg)
         try:
             train_with_retries(cfg, run_id, lock_fd)
             summary = json.loads((cfg.work_dir / "summary.json").read_text(encoding="utf-8"))
-            version = register(cfg, run_id, summary)
+            finish_run(cfg, run_id, summary)
         except BaseException as exc:
             mlflow_run.mark_failed(cfg, run_id)
             if not trainer_launch.is_retryable(exc) and work_dir.restore_previous(cfg.work_dir):
@@ -83,8 +82,8 @@ def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides
     finally:
         os.close(lock_fd)
     result = {
-        "run_id": run_id, "experiment_id": experiment_id, "resumed": resumed, "model": cfg.tracking["registered_model"],
-        "version": version, "alias": cfg.tracking["alias"], "summary": summary, "seconds": round(time.perf_counter() - started, 1),
+        "run_id": run_id, "experiment_id": experiment_id, "resumed": resumed, "summary": summary,
+        "seconds": round(time.perf_counter() - started, 1),
     }
     get_run_logger().info(f"finetune done: {json.dumps(result)}")
     return result

@@ -21,6 +21,7 @@ from mlflow.entities import Param
 
 from pipelines import settings, work_dir
 from pipelines.finetune_config import FinetuneConfig, trainer_argv, world_size
+from steps.checkpoints import sha256_file
 from steps.common import InputError
 from steps.tracking import read_run_file, write_run_file
 from steps.train_config import fingerprint, fingerprint_digest, parse_config
@@ -145,13 +146,24 @@ def start_or_resume(cfg: FinetuneConfig, inputs: dict[str, Any], flow_run: Any =
     return run_id, experiment_id, resumed
 
 
+ADAPTER_SHA_TAG = "adapter_sha256"  # which run trained the adapter in the work dir (the register stage looks it up)
+
+
 def log_outcome(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> None:
-    """After training: what the trainer resolved, and its logs as artifacts."""
+    """After training: what the trainer resolved, the final adapter's sha256, and the trainer's logs as artifacts."""
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    adapter = cfg.work_dir / "adapter.safetensors"
+    if adapter.is_file():
+        client.set_tag(run_id, ADAPTER_SHA_TAG, sha256_file(adapter))
     log_params_once(client, run_id, {"resolved.max_step": summary.get("steps"), "resolved.trainable_params": summary.get("trainable_params")})
     for name in ("train_log.csv", "valid_log.csv", "summary.json"):
         if (cfg.work_dir / name).is_file():
             client.log_artifact(run_id, str(cfg.work_dir / name), artifact_path="logs")
+
+
+def mark_finished(cfg: FinetuneConfig, run_id: str) -> None:
+    """The training is done: the register stage logs the model into this run later, after the evaluation."""
+    MlflowClient(tracking_uri=cfg.tracking_uri).set_terminated(run_id, status="FINISHED")
 
 
 def mark_failed(cfg: FinetuneConfig, run_id: str) -> None:

@@ -1,5 +1,5 @@
-"""The adapter as an MLflow model: logged as a pyfunc model (pipelines/pyfunc_model.py is its code), then
-registered under `tracking.registered_model` with `tracking.alias` on the new version.
+"""The adapter as an MLflow model: logged as a pyfunc model (pipelines/pyfunc_model.py is its code) into the
+finetune run. The register stage (pipelines/register.py) logs it after the evaluation and registers it.
 
 The logged model carries the adapter files, a copy of steps/*.py and, in its model_config, the decoding
 settings and the base checkpoint's identity; never the base weights (see pipelines/pyfunc_model.py for how
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow import MlflowClient
 
 from pipelines.finetune_config import FinetuneConfig
 from steps.common import InputError, iter_jsonl
@@ -44,6 +44,25 @@ def fluent_store(uri: str) -> Iterator[None]:
             if value is None:
                 os.environ.pop(key, None)
         sys.path[:] = saved_path
+
+
+class _ParamClashFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to log model config as params" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_param_clash() -> Iterator[None]:
+    """log_model also copies model_config into the run's params. A second model logged into one run (the register
+    stage rerun after a decoding change) has other values, which MLflow refuses to overwrite and warns about: the
+    model's own config is the one that counts, so that warning is dropped for this block."""
+    logger = logging.getLogger("mlflow.models.model")
+    quiet = _ParamClashFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 INPUT_COLUMN = "meaning_representation"  # the pyfunc model's input column (pipelines/pyfunc_model.py)
@@ -135,11 +154,26 @@ def search_params(model_config: dict[str, Any]) -> Any:
     return ParamSchema([spec(name) for name in REQUEST_OPTIONS])
 
 
-def log_and_register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> tuple[str, int]:
-    """Log the final adapter as a pyfunc model (adapter files + base identity, not base weights), register, alias."""
-    import pandas as pd
+def model_signature(model_config: dict[str, Any]) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        # One required column: MLflow drops columns a signature does not name before the model sees them, so only a
+        # required column lets a request without it be answered with what was expected and what was sent.
+        inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
+        outputs=Schema([ColSpec("string")]),
+        params=search_params(model_config),
+    )
+
+
+def log_adapter_model(cfg: FinetuneConfig, run_id: str) -> Any:
+    """Log the final adapter into run `run_id` as a pyfunc model (adapter files + base identity, not base weights).
+
+    Its decoding settings are read from `cfg` now: the ones in params.yaml when the register stage runs. Returns
+    MLflow's ModelInfo (`model_uri`, `model_id`, `model_config`, ...).
+    """
+    import pandas as pd
 
     adapter_files = ["adapter.safetensors", "adapter_config.json"]
     missing = [name for name in adapter_files if not (cfg.work_dir / name).is_file()]
@@ -148,39 +182,27 @@ def log_and_register(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) 
                          cfg.work_dir)
     adapter_config = json.loads((cfg.work_dir / "adapter_config.json").read_text(encoding="utf-8"))
     model_config = model_config_for(cfg, adapter_config)
-    signature = ModelSignature(
-        # One required column: MLflow drops columns a signature does not name before the model sees them, so only a
-        # required column lets a request without it be answered with what was expected and what was sent.
-        inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-        outputs=Schema([ColSpec("string")]),
-        params=search_params(model_config),
-    )
     example = pd.DataFrame({"meaning_representation": example_contexts(cfg)})
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = Path(tmp) / "adapter"
         adapter_dir.mkdir()
         for name in adapter_files:
             shutil.copy2(cfg.work_dir / name, adapter_dir / name)
+        code_dir = staged_code(Path(tmp) / "code")
         # log_model needs the fluent API, whose store is process-wide: fluent_store sets it for this block only.
-        # Leaving the run block marks the run FINISHED, or FAILED if logging or registration raised: it is the
-        # flow's last step on purpose.
-        with fluent_store(cfg.tracking_uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="adapter",
-                python_model=str(PYFUNC_MODEL_FILE),
-                artifacts={"adapter": str(adapter_dir)},
-                code_paths=[str(staged_code(Path(tmp) / "code"))],
-                model_config=model_config,
-                signature=signature,
-                input_example=example,
-                pip_requirements=pip_requirements(),
-                metadata={"adapter_format": f"{adapter_config.get('format')} v{adapter_config.get('version')}"},
-            )
-            name, alias = cfg.tracking["registered_model"], cfg.tracking["alias"]
-            base_sha = (adapter_config.get("base") or {}).get("sha256") or ""
-            version = mlflow.register_model(info.model_uri, name, tags={"run_id": run_id, "base_sha256": base_sha})
-            client = MlflowClient(tracking_uri=cfg.tracking_uri)
-            client.set_registered_model_alias(name, alias, version.version)
-            if "best_valid_loss" in summary:
-                client.set_model_version_tag(name, version.version, "best_valid_loss", str(summary["best_valid_loss"]))
-    return info.model_uri, int(version.version)
+        with fluent_store(cfg.tracking_uri), quiet_param_clash():
+            mlflow.start_run(run_id=run_id)  # reopens the finished training run
+            try:
+                return mlflow.pyfunc.log_model(
+                    name="adapter",
+                    python_model=str(PYFUNC_MODEL_FILE),
+                    artifacts={"adapter": str(adapter_dir)},
+                    code_paths=[str(code_dir)],
+                    model_config=model_config,
+                    signature=model_signature(model_config),
+                    input_example=example,
+                    pip_requirements=pip_requirements(),
+                    metadata={"adapter_format": f"{adapter_config.get('format')} v{adapter_config.get('version')}"},
+                )
+            finally:
+                mlflow.end_run()  # FINISHED again even if logging failed: the training itself did not fail

@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 # steps.train_config holds the trainer's command line (python -m steps.train).
-COMMANDS = ["steps.train_config", "steps.decode", "steps.encode", "steps.prepare", "pipelines.finetune",
+COMMANDS = ["steps.train_config", "steps.decode", "steps.encode", "steps.prepare", "pipelines.finetune", "pipelines.register",
             "benchmarks.bench_train", "benchmarks.bench_decode"]
 
 

@@ -1,8 +1,11 @@
-"""dvc.yaml's finetune stage depends on every file its command runs: the trainer's modules (the same set the resume
-fingerprint hashes) and the pipelines modules. A missing one means an edit that changes training does not rerun it."""
+"""dvc.yaml's finetune and register stages depend on every file their commands run: the trainer's modules (the same set
+the resume fingerprint hashes) and the project modules each entry point imports, directly or through others (the
+pyfunc model's code too, which the register stage logs). A missing one means an edit that changes a stage's result
+does not rerun it."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import yaml
@@ -10,11 +13,46 @@ import yaml
 from steps.train_config import trainer_sources
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipelines", "steps")
+
+
+def project_imports(path: str) -> set[str]:
+    """The project modules one file imports anywhere in it (also inside functions), as repository paths."""
+    found = set()
+    for node in ast.walk(ast.parse((REPO / path).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module in PACKAGES:  # from steps import encode, make_base
+            found |= {f"{node.module}/{alias.name}.py" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            found.add(node.module.replace(".", "/") + ".py")
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.replace(".", "/") + ".py" for alias in node.names if alias.name.split(".")[0] in PACKAGES}
+    return {name for name in found if (REPO / name).is_file()}
+
+
+def runs(*entry_points: str) -> set[str]:
+    """Every project module the entry points reach through imports."""
+    seen: set[str] = set()
+    todo = list(entry_points)
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += project_imports(path)
+    return seen
+
+
+def stage_deps(name: str) -> set[str]:
+    return set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]["deps"])
 
 
 def test_finetune_stage_depends_on_all_the_code_it_runs():
-    deps = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["deps"])
     trainer = {f"steps/{path.name}" for path in trainer_sources()}
-    flow = {f"pipelines/{path.name}" for path in (REPO / "pipelines").glob("*.py")} - {"pipelines/__init__.py", "pipelines/serve.py",
-                                                                                      "pipelines/scheduled.py"}
-    assert trainer | flow <= deps, sorted((trainer | flow) - deps)
+    needed = trainer | runs("pipelines/finetune.py")
+    assert "pipelines/finetune_flow.py" in needed and "pipelines/register.py" not in needed
+    assert needed <= stage_deps("finetune"), sorted(needed - stage_deps("finetune"))
+
+
+def test_register_stage_depends_on_all_the_code_it_runs_and_logs():
+    needed = runs("pipelines/register.py", "pipelines/pyfunc_model.py")  # the model's code is a file it logs, not an import
+    assert {"pipelines/packaging.py", "steps/decode.py", "steps/beam.py"} <= needed
+    assert needed <= stage_deps("register"), sorted(needed - stage_deps("register"))

@@ -1,13 +1,14 @@
 """`dvc repro` and DVC experiments end to end in a throw-away git repository, on a tiny configuration.
 
-Every stage runs for real (sample -> prepare -> encode -> base -> finetune flow -> decode, decode_base -> evaluate) in a
+Every stage runs for real (sample -> prepare -> encode -> base -> finetune flow -> decode, decode_base -> evaluate -> register) in a
 fresh git repository holding a copy of this checkout, as a user's clone would. Then, as DVC users work:
 commit the results (metrics and plots are committed with git, models and data are in the DVC cache); a second
 `dvc repro` does nothing; two `dvc exp run -S ...` experiments rerun only what depends on the parameter and
 `dvc exp show` lists every metric for the workspace, the commit and both experiments; `dvc exp apply`, a commit,
 then `dvc metrics diff` / `dvc params diff` / `dvc plots diff` against the previous commit report the change;
-`dvc exp branch` makes a branch of an experiment; and a `git clone` of the result, with no DVC cache, reproduces
-every stage offline to the same bytes (`git status` clean: dvc.lock, metrics and plots unchanged).
+`dvc exp branch` makes a branch of an experiment; a decoding experiment reruns decode, evaluate and register only,
+and the new model version carries the new decoding settings; and a `git clone` of the result, with no DVC cache,
+reproduces every stage offline to the same bytes (`git status` clean: dvc.lock, metrics and plots unchanged).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["sample", "prepare", "encode", "base", "finetune", "decode", "decode_base", "evaluate"]
+STAGES = ["sample", "prepare", "encode", "base", "finetune", "decode", "decode_base", "evaluate", "register"]
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 TRAIN_SUMMARY = ("best_valid_loss", "final_train_loss")
-METRIC_FILES = ("metrics/eval.json", "metrics/train_summary.json")
+METRIC_FILES = ("metrics/eval.json", "metrics/train_summary.json", "metrics/register.json")
 PLOT_FILES = ("plots/train_loss.csv", "plots/valid_loss.csv", "plots/loss.png")
 RUN_FILE = "models/mlflow_run.json"
 # A test's setup may run one of the shared fixtures below: a full `dvc repro`, or two experiments (9 minutes on a
@@ -139,6 +140,7 @@ def baseline(project) -> dict:
         "scores": json.loads((project / "metrics/eval.json").read_text()),
         "summary": json.loads((project / "metrics/train_summary.json").read_text()),
         "run_record": json.loads((project / RUN_FILE).read_text()),
+        "register": json.loads((project / "metrics/register.json").read_text()),
     }
     git(project, "add", "-A")
     git(project, "commit", "-qm", "baseline: dvc repro")
@@ -182,6 +184,7 @@ def test_lock_file_records_every_stage(baseline):
     assert RUN_FILE not in {dep["path"] for dep in lock["evaluate"]["deps"]}
     assert lock["finetune"]["params"]["params.yaml"]["finetune"]["lora_dim"] == 4
     assert lock["decode"]["params"]["params.yaml"]["decode"]["beam"] == 2
+    assert lock["register"]["params"]["params.yaml"]["decode"]["beam"] == 2  # the registered model's decoding settings
     assert baseline["status"] == {}
 
 
@@ -241,6 +244,19 @@ def test_evaluation_reached_the_finetune_mlflow_run(baseline, project):
     assert (project / "mlruns").is_dir() and not any((project / "models/finetune").rglob("MLmodel"))  # artifacts outside DVC outs
 
 
+@pytest.mark.slow
+def test_register_stage_made_the_evaluated_adapter_the_first_champion(baseline, project):
+    from mlflow import MlflowClient
+
+    record, report = baseline["run_record"], baseline["register"]
+    client = MlflowClient(tracking_uri=record["tracking_uri"], registry_uri=record["tracking_uri"])
+    for alias in ("candidate", "champion"):
+        version = client.get_model_version_by_alias("lora-nlg-adapter", alias)
+        assert (int(version.version), version.run_id) == (report["version"], record["run_id"]) == (1, record["run_id"])
+    assert float(version.tags["BLEU"]) == pytest.approx(baseline["scores"]["BLEU"], rel=1e-5)
+    assert report["reason"].startswith("v1 is the first champion")
+
+
 @pytest.fixture(scope="module")
 def experiments(baseline, project) -> dict:
     """Two experiments with different params: `dvc exp run -S finetune.lora_dim=8`, then `... lora_dim=2`."""
@@ -259,7 +275,7 @@ def experiments(baseline, project) -> dict:
 @pytest.mark.slow
 def test_experiment_reruns_only_what_depends_on_the_parameter(experiments):
     for name in ("rank8", "rank2"):
-        for stage in ("finetune", "decode", "evaluate"):
+        for stage in ("finetune", "decode", "evaluate", "register"):
             assert f"Running stage '{stage}'" in experiments[name], (name, stage)
         for stage in ("sample", "prepare", "encode", "base"):
             assert f"Running stage '{stage}'" not in experiments[name], (name, stage)
@@ -342,11 +358,46 @@ def test_a_fresh_clone_reproduces_the_committed_results(applied, project, tmp_pa
     subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
     assert not (clone / ".dvc/cache").exists()
     result = dvc(clone, "repro")
-    for stage in STAGES[:-1]:
+    for stage in STAGES[:-2]:
         assert f"Running stage '{stage}'" in result.stdout, stage
-    # decode wrote the same outputs/ and metrics/eval.json is in git: DVC has nothing to rerun evaluate for
+    # decode wrote the same outputs/ and metrics/eval.json is in git: DVC has nothing to rerun evaluate for, nor
+    # register (metrics/register.json is in git); `dvc repro -f register` registers the adapter in the clone's own store
     assert "Stage 'evaluate' didn't change, skipping" in result.stdout
+    assert "Stage 'register' didn't change, skipping" in result.stdout
     assert git(clone, "status", "--porcelain") == "", git(clone, "diff")
+
+
+@pytest.fixture(scope="module")
+def decoding_experiment(applied, project) -> dict:
+    """`dvc exp run -S decode.beam=3` on the committed rank-8 workspace: the registered model's settings change too."""
+    from mlflow import MlflowClient
+    from mlflow.models import get_model_info
+
+    from pipelines.packaging import fluent_store
+
+    log = dvc(project, "exp", "run", "-S", "decode.beam=3", "--name", "beam3")
+    record = json.loads((project / RUN_FILE).read_text())
+    client = MlflowClient(tracking_uri=record["tracking_uri"], registry_uri=record["tracking_uri"])
+    candidate = client.get_model_version_by_alias("lora-nlg-adapter", "candidate")
+    with fluent_store(record["tracking_uri"]):  # reading a logged model goes through MLflow's process-wide store
+        config = get_model_info(candidate.source).flavors["python_function"]["config"]
+    rank8_runs = client.search_runs([record["experiment_id"]], filter_string="params.`finetune.lora_dim` = '8'")
+    return {"log": log.stdout + log.stderr, "report": json.loads((project / "metrics/register.json").read_text()),
+            "candidate": candidate, "config": config, "rank8_runs": rank8_runs}
+
+
+@pytest.mark.slow
+def test_a_decoding_experiment_registers_a_version_with_the_new_settings(decoding_experiment):
+    """Issue 13's stale-settings bug, through DVC: finetune does not rerun, register does, and says beam 3."""
+    log = decoding_experiment["log"]
+    for stage in ("decode", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in log, stage
+    assert "Running stage 'finetune'" not in log
+    assert decoding_experiment["config"]["beam"] == 3
+    assert int(decoding_experiment["candidate"].version) == decoding_experiment["report"]["version"]
+    # The workspace holds the applied rank-8 adapter while the run file names the last training (rank 2): the version
+    # belongs to the run that trained it.
+    assert decoding_experiment["candidate"].run_id in {run.info.run_id for run in decoding_experiment["rank8_runs"]}
 
 
 # ----------------------------------------------------------------------------- fast: params files

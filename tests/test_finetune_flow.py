@@ -1,4 +1,5 @@
-"""The finetune flow as a real Prefect flow run: torchrun, MLflow store, registry, pyfunc model, retries.
+"""The finetune flow as a real Prefect flow run: torchrun, MLflow store, retries; then the stages after it on its
+adapter (decode, evaluate, register) and the registered pyfunc model, loaded and served.
 
 The fast tests at the end check the pieces the flow is built from (command lines, resume decision).
 
@@ -32,7 +33,8 @@ TINY = {
                  "valid_batch_size": 8},
     "flow": {"retries": 2, "retry_delay_seconds": 0},
     "decode": {"beam": 2, "eval_len": 8, "batch_size": 4},
-    "tracking": {"experiment": "flow-test", "registered_model": "flow-test-adapter", "alias": "candidate"},
+    "tracking": {"experiment": "flow-test"},
+    "register": {"model": "flow-test-adapter"},
 }
 
 
@@ -78,13 +80,43 @@ def project(tmp_path_factory, prefect_api) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(project, monkeypatch_module):
-    """One complete, uninterrupted flow run."""
+    """One complete, uninterrupted flow run, and what the store holds right after it."""
+    from mlflow import MlflowClient
+
     from pipelines.finetune_flow import finetune
 
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
     params_file = write_params(project, "first", "models/first", "models/first_run.json")
     state = finetune(params_file=str(params_file), project_dir=str(project), return_state=True)
-    return {"state": state, "params_file": params_file, "result": state.result() if state.is_completed() else None}
+    result = state.result() if state.is_completed() else None
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    registered = [m.name for m in client.search_registered_models()]
+    run = client.get_run(result["run_id"]) if result else None
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id]) if run else []
+    return {"state": state, "params_file": params_file, "result": result, "registered_after_flow": registered,
+            "logged_models_after_flow": logged}
+
+
+@pytest.fixture(scope="module")
+def registered(first_run, project) -> dict:
+    """The stages after the flow on its adapter, through their real code: decode the test set, evaluate it, register.
+    Returns metrics/register.json."""
+    from pipelines import register
+    from steps import decode, evaluate
+
+    assert first_run["result"], first_run["state"]
+    out = project / "outputs"
+    assert decode.main(["--data", str(project / "data/encoded/test.jsonl"), "--input_file", str(project / "data/formatted/test.jsonl"),
+                        "--adapter", str(project / "models/first"), "--init_checkpoint", str(project / "models/base/model.safetensors"),
+                        "--beam", "2", "--eval_len", "8", "--batch_size", "4", "--output_ref_file", str(out / "refs.txt"),
+                        "--work_dir", str(out)]) == 0
+    scores = project / "first/eval.json"
+    assert evaluate.main([str(out / "refs.txt"), str(out / "preds.txt"), "--no_meteor", "--json", str(scores),
+                          "--predictions", str(out / "predictions.jsonl")]) == 0
+    report = project / "first/register.json"
+    assert register.main(["--params", str(first_run["params_file"]), "--project_dir", str(project), "--scores", str(scores),
+                          "--output", str(report)]) == 0
+    return json.loads(report.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +175,21 @@ def test_mlflow_run_holds_params_metrics_and_checkpoints(first_run, client):
 
 
 @pytest.mark.slow
-def test_registered_model_alias_points_at_the_run(first_run, client):
-    version = client.get_model_version_by_alias("flow-test-adapter", "candidate")
-    assert version.run_id == first_run["result"]["run_id"]
-    assert int(version.version) == first_run["result"]["version"]
+def test_the_flow_ends_its_run_without_logging_or_registering_a_model(first_run, client):
+    """Registration is the register stage's, after the evaluation: the flow leaves no model behind."""
+    assert first_run["registered_after_flow"] == [] and first_run["logged_models_after_flow"] == []
+    assert client.get_run(first_run["result"]["run_id"]).info.status == "FINISHED"
+    assert not {"model", "version", "alias"} & set(first_run["result"])
+
+
+@pytest.mark.slow
+def test_register_stage_makes_the_first_version_candidate_and_champion(first_run, registered, client):
+    for alias in ("candidate", "champion"):
+        version = client.get_model_version_by_alias("flow-test-adapter", alias)
+        assert version.run_id == first_run["result"]["run_id"] and int(version.version) == registered["version"] == 1
+    assert registered["aliases_moved"] == "@candidate @champion"
+    scores = json.loads((first_run["params_file"].parent / "first/eval.json").read_text())
+    assert float(version.tags["BLEU"]) == pytest.approx(scores["BLEU"], rel=1e-5)
 
 
 def use_store(monkeypatch, uri: str) -> None:
@@ -158,7 +201,7 @@ def use_store(monkeypatch, uri: str) -> None:
 
 
 @pytest.mark.slow
-def test_pyfunc_model_loads_by_alias_and_generates(first_run, project, tmp_path, monkeypatch):
+def test_pyfunc_model_loads_by_alias_and_generates(registered, project, tmp_path, monkeypatch):
     import mlflow
     import pandas as pd
 
@@ -194,7 +237,7 @@ def test_pyfunc_model_loads_by_alias_and_generates(first_run, project, tmp_path,
 
 
 @pytest.mark.slow
-def test_pyfunc_model_needs_the_right_base(first_run, project, tmp_path, monkeypatch):
+def test_pyfunc_model_needs_the_right_base(registered, project, tmp_path, monkeypatch):
     import mlflow
 
     from steps.common import InputError
@@ -346,14 +389,18 @@ def mlflow_server(project, first_run, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_mlflow_server_answers_rest_calls_about_the_run(mlflow_server, first_run, client):
+def test_mlflow_server_answers_rest_calls_about_the_run(mlflow_server, first_run, registered, client):
     run_id = first_run["result"]["run_id"]
     history = get_json(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=train/loss")
     assert sorted(int(m["step"]) for m in history["metrics"]) == [4, 8, 12]
     listing = get_json(f"{mlflow_server}/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=checkpoints")
     assert {"checkpoints/step_4", "checkpoints/step_8"} <= {f["path"] for f in listing["files"]}
-    version = get_json(f"{mlflow_server}/api/2.0/mlflow/model-versions/get?name=flow-test-adapter&version={first_run['result']['version']}")
+    version = get_json(f"{mlflow_server}/api/2.0/mlflow/model-versions/get?name=flow-test-adapter&version={registered['version']}")
     assert version["model_version"]["run_id"] == run_id
+    tags = {tag["key"]: tag["value"] for tag in version["model_version"]["tags"]}  # what the registry page lists per version
+    assert {"BLEU", "NIST", "ROUGE_L", "CIDEr", "SER", "test_data_sha256", "base_sha256", "run_id"} <= set(tags)
+    champion = get_json(f"{mlflow_server}/api/2.0/mlflow/registered-models/alias?name=flow-test-adapter&alias=champion")
+    assert champion["model_version"]["version"] == str(registered["version"])
     alias = get_json(f"{mlflow_server}/api/2.0/mlflow/registered-models/alias?name=flow-test-adapter&alias=candidate")
     assert alias["model_version"]["run_id"] == client.get_model_version_by_alias("flow-test-adapter", "candidate").run_id
     assert "candidate" in [a["alias"] for a in get_json(f"{mlflow_server}/api/2.0/mlflow/registered-models/get?name=flow-test-adapter")
@@ -507,7 +554,7 @@ def post_json(url: str, body: dict) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_the_registered_model_serves_over_http_and_answers_bad_requests_with_400(first_run, project, tmp_path):
+def test_the_registered_model_serves_over_http_and_answers_bad_requests_with_400(registered, project, tmp_path):
     """The real `mlflow models serve` on loopback: texts equal the same model loaded in process, decoding options
     pass as params, a bad request gets HTTP 400 with what was expected, and the server keeps serving."""
     import mlflow
@@ -519,10 +566,10 @@ def test_the_registered_model_serves_over_http_and_answers_bad_requests_with_400
     uri = f"sqlite:///{project / 'mlflow.db'}"
     mrs = ["name : The Eagle | Type : coffee shop | area : riverside", "name : Zizzi | food : Italian"]
     with fluent_store(uri):
-        expected = mlflow.pyfunc.load_model("models:/flow-test-adapter@candidate").predict(pd.DataFrame({"meaning_representation": mrs}))
+        expected = mlflow.pyfunc.load_model("models:/flow-test-adapter@champion").predict(pd.DataFrame({"meaning_representation": mrs}))
     port = free_port()
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115  (open for the server's whole life)
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/flow-test-adapter@candidate",
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/flow-test-adapter@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                               env=python_env({"MLFLOW_TRACKING_URI": uri}), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
