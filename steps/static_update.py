@@ -131,12 +131,9 @@ class StaticUpdater:
 
     # -- one update
 
-    def run_update(self, batches: list[dict[str, Any]], step: int, global_tokens: torch.Tensor) -> None:
-        """One optimizer update over this rank's micro-batches (host tensors from `static_batch`).
-
-        `global_tokens`: the update's loss tokens summed over all micro-batches and ranks.
-        """
-        self.scale.copy_(self.world / (global_tokens + 1e-4))
+    def run_update(self, batches: list[dict[str, Any]], step: int) -> None:
+        """One optimizer update over this rank's micro-batches (host tensors from `static_batch`)."""
+        self.load_scale(sum(batch["tokens"] for batch in batches))
         for i, batch in enumerate(batches):
             static = self.buffers_for(batch["bucket"], batch["input"].shape[0])
             for name in STATIC_INPUTS:
@@ -159,6 +156,20 @@ class StaticUpdater:
             self.optimizer_graph.replay()
         else:
             self.optimizer_step()
+
+    def load_scale(self, tokens: torch.Tensor) -> None:
+        """scale = world / (loss tokens of the update on all ranks + 1e-4), the eager path's arithmetic.
+
+        Every copy here is non-blocking: a blocking host-to-device copy waits for the device's queue to drain, which
+        would cost the replays their head start. One process computes the scale on the host; several sum their counts
+        on the device first.
+        """
+        if self.world == 1:
+            self.scale.copy_(self.world / (tokens.float() + 1e-4), non_blocking=True)
+            return
+        counts = tokens.float().reshape(1).to(self.device, non_blocking=True)
+        dist.all_reduce(counts)
+        self.scale.copy_((self.world / (counts + 1e-4)).reshape(()))
 
     def buffers_for(self, bucket: Bucket, rows: int) -> dict[str, torch.Tensor]:
         if bucket not in self.buffers:

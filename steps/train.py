@@ -186,17 +186,13 @@ class Trainer:
     # -- one update
 
     def train_update(self, group: list[dict[str, Any]]) -> None:
-        if self.updater is not None:
-            self.static_update(group)
+        if self.updater is not None:  # static shapes (steps/static_update.py): replayed CUDA graphs, or the same step eagerly
+            self.updater.run_update(group, self.step)
         else:
             self.dynamic_update(group)
         self.scheduler.step()
         self.step += 1
 
-    def static_update(self, group: list[dict[str, Any]]) -> None:
-        """The update in static shapes (steps/static_update.py): replayed CUDA graphs, or the same step eagerly."""
-        (global_tokens,) = self.env.all_sum(sum(b["tokens"] for b in group))
-        self.updater.run_update(group, self.step, global_tokens)
 
     def dynamic_update(self, group: list[dict[str, torch.Tensor]]) -> None:
         """The reference update: each micro-batch in its own shape, DDP's all-reduce, the int-step AdamW."""
