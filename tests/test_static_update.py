@@ -202,16 +202,18 @@ def test_a_resume_under_other_shapes_is_refused(tmp_path):
         other.maybe_resume()
 
 
-def test_the_planned_buckets_cover_every_update(tmp_path):
+@pytest.mark.parametrize("pad", ["batch", "fixed"])
+def test_the_planned_buckets_cover_every_update(tmp_path, pad):
     """Graphs are recorded for the buckets of the host-side plan before training: every update must fall in them."""
     args = tiny_run_args(tmp_path / "data", tmp_path / "run", max_step=13, shapes="static", bucket_window=16,
-                         length_multiple=8, loss_multiple=16)
+                         length_multiple=8, loss_multiple=16, pad=pad, seq_len=60)
     trainer = Trainer(parse_config(args), Dist(0, 1, torch.device("cpu")))
     planned = trainer.planned_buckets(trainer.max_step)
     seen = set()
     for _ in range(trainer.max_step):  # nothing trained: only the batches are built
         seen |= {batch["bucket"] for batch in trainer.next_update_batches()}
     assert seen == planned and len(planned) > 1
+    assert all(length == 64 for length, _ in planned) == (pad == "fixed")  # --pad fixed: seq_len 60 rounded up to 8
 
 
 # ---------------------------------------------------------------------------------------------- the options
