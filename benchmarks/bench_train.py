@@ -103,7 +103,7 @@ VARIANTS = {
 }
 CPU_DEFAULT = "ours,ours_fp32,ours_bf16,ours_bucket,reference,peft_fp32,peft_bf16"
 GPU_DEFAULT = "ours,ours_fp32,ours_static,ours_graph,reference,peft_bf16"
-NEEDS_CUDA = {"ours_graph": "needs a CUDA device (CUDA graphs); skipped on this run's {device}"}
+NEEDS_CUDA = {"ours_graph": "needs a CUDA device (CUDA graphs); this run is on {device}"}
 
 # The paper's E2E recipe (the LoRA README's GPT-2 M run); the schedule length is its 5 epochs.
 RECIPE = dict(lora_dim=4, lora_alpha=32, lora_dropout=0.1, label_smooth=0.1, lr=2e-4, weight_decay=0.01,

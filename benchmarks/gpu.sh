@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of benchmarks/RESULTS.md in one go, sized to finish in under 9 minutes on one H100:
+#   0. first, the correctness of the trainer's CUDA-graph path: replayed graphs against the eager static update
+#      (tests/test_static_update.py, the tests marked for CUDA; skipped on a CPU, and when pytest is not installed)
 #   1. training, gpt2.md, batch 8:  ours at the pipeline's defaults (bf16, bucketing), ours fp32, ours in static shapes
 #      (eager), ours + CUDA graphs (the trainer's --cuda_graphs on), reference-equivalent, transformers + peft (bf16)
 #   2. training, gpt2.md, batch 64: ours defaults, ours + CUDA graphs, transformers + peft bf16 (MFU target)
@@ -58,6 +60,7 @@ EOF
 run() {  # run <name> <seconds> <command...>: one benchmark with a time limit, its output in the log, failures counted
   local name=$1 limit=$2
   shift 2
+  STEPS=$((STEPS + 1))
   echo "== $name: $*" | tee -a "$LOG"
   if timeout "$limit" "$@" 2>>"$LOG.stderr" | tee -a "$LOG"; then
     echo "== $name: ok" | tee -a "$LOG"
@@ -68,13 +71,19 @@ run() {  # run <name> <seconds> <command...>: one benchmark with a time limit, i
 }
 
 FAILED=()
+STEPS=0
 START=$SECONDS
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+  run graph_check 120 "$PYTHON" -m pytest tests/test_static_update.py -q -rs -k "replayed or warm_up"
+else
+  echo "== graph_check: skipped (pytest is not installed for $PYTHON; pip install -e '.[dev]' to run it)" | tee -a "$LOG"
+fi
 run train_b8 "${LIMITS[0]}" "$PYTHON" benchmarks/bench_train.py --device "$DEVICE" "${SIZE[@]}" "${TRAIN8[@]}" \
   --variants ours,ours_fp32,ours_static,ours_graph,reference,peft_bf16 --out "$OUT/train_b8.json"
 run train_b64 "${LIMITS[1]}" "$PYTHON" benchmarks/bench_train.py --device "$DEVICE" "${SIZE[@]}" "${TRAIN64[@]}" \
   --variants ours,ours_graph,peft_bf16 --out "$OUT/train_b64.json"
 run decode "${LIMITS[2]}" "$PYTHON" benchmarks/bench_decode.py --device "$DEVICE" "${DECODE[@]}" --out "$OUT/decode.json"
 
-echo "gpu.sh: $((3 - ${#FAILED[@]}))/3 benchmarks done in $((SECONDS - START)) s on $DEVICE -> $OUT" \
+echo "gpu.sh: $((STEPS - ${#FAILED[@]}))/$STEPS steps done in $((SECONDS - START)) s on $DEVICE -> $OUT" \
   "${FAILED[*]:+(FAILED: ${FAILED[*]})}" | tee -a "$LOG"
 [[ ${#FAILED[@]} -eq 0 ]]

@@ -209,7 +209,8 @@ def test_gpu_script_tiny_run_on_cpu(tmp_path):
            "PYTHON": sys.executable}
     done = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "3/3 benchmarks done" in done.stdout
+    assert "4/4 steps done" in done.stdout  # the graph check (skipped tests on a CPU) and the three benchmarks
+    assert "== graph_check: ok" in done.stdout  # replayed graphs vs eager (skipped, with their reason, without CUDA)
     for name in ("train_b8.json", "train_b64.json", "decode.json"):
         assert json.loads((tmp_path / name).read_text())["results"]
     rows = {r["variant"]: r for r in json.loads((tmp_path / "train_b8.json").read_text())["results"]}
