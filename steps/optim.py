@@ -354,7 +354,7 @@ class CapturableAdamW(AdamW):
         return super().step(closure)
 
     def _apply_update(self, group: dict, params: list, exp_avgs: list, exp_avg_sqs: list, states: list) -> None:
-        lr = self._device_lrs[self.param_groups.index(group)]
+        lr = self._device_lrs[next(i for i, g in enumerate(self.param_groups) if g is group)]  # by identity: == compares tensors
         beta1, beta2 = group["betas"]
         steps = [_device_step_count(state, p) for state, p in zip(states, params)]
         torch._foreach_add_(steps, 1.0)

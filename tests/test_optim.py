@@ -198,6 +198,22 @@ def test_adamw_capturable_matches_default_path():
     assert not torch.equal(results[0][0], make_params()[0])
 
 
+def test_adamw_capturable_with_two_groups_reads_each_groups_lr():
+    """Two groups (weight decay and none, as --no_decay_bias makes) with same-shaped tensors: each group's step uses its
+    own device lr and decay, as AdamW's does."""
+    grads = [[g, g.clone()] for g, *_ in make_grads(5)]
+    results = []
+    for optimizer in (AdamW, CapturableAdamW):
+        first, second = make_params()[0], make_params()[0]  # same shapes, same values: only the groups differ
+        groups = [{"params": [first], "weight_decay": 0.1, "lr": 1e-2}, {"params": [second], "weight_decay": 0.0, "lr": 3e-2}]
+        opt = optimizer(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, correct_bias=True)
+        run_optimizer(opt, [first, second], grads)
+        results.append((first.detach(), second.detach()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert not torch.allclose(results[1][0], results[1][1], atol=1e-3)  # the two groups really differ
+
+
 # --------------------------------------------------------------------------------------------- resume
 
 
