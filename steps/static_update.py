@@ -198,12 +198,14 @@ class StaticUpdater:
     def capture(self, buckets: list[Bucket], rows: int) -> None:
         """Warm up every body eagerly on a side stream (PyTorch's recipe: lazy initialisations happen outside the
         capture), record the graphs, then put back every value the warm-up changed."""
+        for bucket in buckets:  # the static inputs first, on the main stream, where each update fills them
+            self.buffers_for(bucket, rows)
         saved = self.snapshot()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for bucket in buckets:
-                self.micro_step(self.buffers_for(bucket, rows))
+                self.micro_step(self.buffers[bucket])
             self.optimizer_step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         pool = None
