@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of benchmarks/RESULTS.md in one go, sized to finish in under 9 minutes on one H100:
 #   0. first, the correctness of the trainer's CUDA-graph path: replayed graphs against the eager static update
-#      (tests/test_static_update.py, the tests marked for CUDA; skipped on a CPU, and when pytest is not installed)
+#      (the CUDA-only tests of tests/test_static_update.py; skipped on a CPU, and when pytest is not installed)
 #   1. training, gpt2.md, batch 8:  ours at the pipeline's defaults (bf16, bucketing), ours fp32, ours in static shapes
 #      (eager), ours + CUDA graphs (the trainer's --cuda_graphs on), reference-equivalent, transformers + peft (bf16)
 #   2. training, gpt2.md, batch 64: ours defaults, ours + CUDA graphs, transformers + peft bf16 (MFU target)

@@ -1,7 +1,7 @@
 """The trainer's static-shape update (steps/static_update.py) against the dynamic path it must reproduce, the LoRA
 dropout rule that makes graphs and resumes exact, and the --cuda_graphs / --shapes choices.
 
-Everything but the capture itself runs on a CPU; the tests marked `cuda` compare replayed graphs with the eager
+Everything but the capture itself runs on a CPU; the CUDA-only tests (skipped elsewhere) compare replayed graphs with the eager
 static step and run only where a CUDA device is present (benchmarks/gpu.sh says how to run them on a GPU box)."""
 
 from __future__ import annotations
