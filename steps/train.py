@@ -10,6 +10,10 @@ One change in semantics, on purpose: the loss of an update is the token mean ove
 micro-batches on all ranks). So batch 8 equals batch 4 x grad_acc 2 equals 2 processes x batch 4, exactly.
 With one process and grad_acc 1 it is the original's per-batch token mean.
 
+Each update runs in dynamic shapes (every batch its own shape: the reference) or, with --shapes static, in
+length buckets through steps/static_update.py, eagerly or replayed from CUDA graphs (--cuda_graphs; on CUDA by
+default where the settings allow it; docs/training.md, "The GPU fast path").
+
 The work dir gets the adapter, `checkpoints/step_N/`, `best/`, `resume/state.pt`, the CSV logs, `summary.json` and
 `status.json` (completed, bad_input, diverged, or "running" after a crash: the flow's retry decision).
 """
@@ -192,7 +196,6 @@ class Trainer:
             self.dynamic_update(group)
         self.scheduler.step()
         self.step += 1
-
 
     def dynamic_update(self, group: list[dict[str, torch.Tensor]]) -> None:
         """The reference update: each micro-batch in its own shape, DDP's all-reduce, the int-step AdamW."""
