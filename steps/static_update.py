@@ -98,6 +98,9 @@ class StaticUpdater:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.device = self.trainable[0].device
         self.flat_grad = attach_flat_grads(self.trainable)
+        if world > 1:  # what DDP's constructor does: every rank starts from rank 0's weights
+            for p in self.trainable:
+                dist.broadcast(p.data, src=0)
         self.generator = torch.Generator(device=self.device)
         use_dropout_generator(model, self.generator)
         self.scale = torch.zeros((), device=self.device)  # world / (the update's loss tokens + 1e-4), as the eager path
