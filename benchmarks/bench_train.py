@@ -14,10 +14,12 @@ Variants (each in its own subprocess, so peak memory is per variant):
                    so its first-batch loss is compared with (b)'s: the fp32 parity check)
   ours_bf16   (a') fp32 default + --precision bf16 (autocast), no bucketing
   ours_bucket (a') fp32 with the pipeline's --bucket_window
-  ours_graph  (a'') the pipeline's bucketed updates in bf16, the whole update (forward, backward, capturable AdamW)
-                   recorded in one CUDA graph per (length, loss-positions) bucket and replayed; a prototype here, not
-                   yet a trainer option. On the CPU it runs the same static-shape step eagerly, in fp32 (a correctness
-                   check, not a speed-up)
+  ours_static (a'') the pipeline's defaults + --shapes static --cuda_graphs off: the trainer's static-shape update
+                   (lengths rounded up to 16, loss positions to 64, capturable AdamW) run eagerly: what graphs replay,
+                   without them
+  ours_graph  (a'') the pipeline's defaults + --cuda_graphs on: the trainer's static-shape update recorded as CUDA
+                   graphs (forward + backward per bucket, then the optimizer) and replayed. Needs a CUDA device: on a
+                   CPU the row is skipped, with that reason
   reference   (b)  reference-equivalent: the same trainer with every sequence padded to 512 (--pad fixed), fp32,
                    no compile, and the loss computed as the original did: LM head and log_softmax on all B x 512
                    positions, then masked
@@ -29,7 +31,7 @@ Variants (each in its own subprocess, so peak memory is per variant):
   peft_bf16   (c)  the same under bf16 autocast; "(c) at its best" is the faster of the two
 
 Every unbucketed variant sees exactly the same examples in each update (the plan of steps.data.epoch_updates); the
-bucketed ones (ours, ours_bucket, ours_graph) see the trainer's bucketed plan of the same data. examples/s compare
+bucketed ones (ours, ours_bucket, ours_static, ours_graph) see the trainer's bucketed plan of the same data. examples/s compare
 directly either way (every update holds `--batch` examples). The first `--warmup` updates are not timed.
 
 FLOPs (for achieved TFLOP/s and model FLOPs utilisation, MFU = achieved / the card's dense bf16 peak). Per update,
@@ -51,9 +53,7 @@ Padding and the LM head on non-loss positions are not counted: they are not usef
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -73,12 +73,9 @@ from torch import nn
 from tqdm import tqdm
 
 from benchmarks import common
-from benchmarks.capturable_adamw import CapturableAdamW
 from steps.common import InputError
-from steps.data import Example, build_examples, collate, epoch_updates
-from steps.lora import LoRAConfig, mark_only_lora_trainable
+from steps.data import Example, build_examples, epoch_updates
 from steps.model import CARDS, GPT2, GPT2Config, card
-from steps.optim import build_scheduler, param_groups_for
 from steps.tokenizer import EOS_ID
 
 
@@ -98,26 +95,30 @@ VARIANTS = {
     "ours_fp32": "(a) ours, fp32, no bucketing",
     "ours_bf16": "(a') ours, bf16, no bucketing",
     "ours_bucket": f"(a') ours, fp32, bucket_window {PIPELINE['bucket_window']}",
-    "ours_graph": "(a'') ours, bf16 + CUDA graph per bucket",
+    "ours_static": f"(a'') ours, pipeline defaults ({PIPELINE['precision']}, bucket_window {PIPELINE['bucket_window']}) + static shapes, eager",
+    "ours_graph": f"(a'') ours, pipeline defaults ({PIPELINE['precision']}, bucket_window {PIPELINE['bucket_window']}) + CUDA graphs",
     "reference": "(b) reference-equivalent (pad 512, fp32, full LM head)",
     "peft_fp32": "(c) transformers + peft, fp32",
     "peft_bf16": "(c) transformers + peft, bf16 autocast",
 }
 CPU_DEFAULT = "ours,ours_fp32,ours_bf16,ours_bucket,reference,peft_fp32,peft_bf16"
-GPU_DEFAULT = "ours,ours_fp32,ours_graph,reference,peft_bf16"
+GPU_DEFAULT = "ours,ours_fp32,ours_static,ours_graph,reference,peft_bf16"
+NEEDS_CUDA = {"ours_graph": "needs a CUDA device (CUDA graphs); this run is on {device}"}
 
 # The paper's E2E recipe (the LoRA README's GPT-2 M run); the schedule length is its 5 epochs.
 RECIPE = dict(lora_dim=4, lora_alpha=32, lora_dropout=0.1, label_smooth=0.1, lr=2e-4, weight_decay=0.01,
               adam_beta1=0.9, adam_beta2=0.999, adam_epislon=1e-6, warmup_step=500, max_step=26290, seq_len=512)
 PAPER_UPDATES = 26290
-# The trainer's settings per trainer-based variant: --precision (auto is resolved per device), --pad, --bucket_window.
+# The trainer's settings per variant: --precision (auto is resolved per device), --pad, --bucket_window, --shapes,
+# --cuda_graphs. Every variant but peft's times steps.train.Trainer.train_update itself.
+DEFAULTS = (PIPELINE["precision"], PIPELINE["pad"], int(PIPELINE["bucket_window"]))
 TRAINER_VARIANTS = {
-    "ours": (PIPELINE["precision"], PIPELINE["pad"], int(PIPELINE["bucket_window"])),
-    "ours_fp32": ("fp32", "batch", 0), "ours_bf16": ("bf16", "batch", 0),
-    "ours_bucket": ("fp32", "batch", int(PIPELINE["bucket_window"])), "reference": ("fp32", "fixed", 0),
+    "ours": (*DEFAULTS, "dynamic", "off"),
+    "ours_fp32": ("fp32", "batch", 0, "dynamic", "off"), "ours_bf16": ("bf16", "batch", 0, "dynamic", "off"),
+    "ours_bucket": ("fp32", "batch", int(PIPELINE["bucket_window"]), "dynamic", "off"),
+    "ours_static": (*DEFAULTS, "static", "off"), "ours_graph": (*DEFAULTS, "static", "on"),
+    "reference": ("fp32", "fixed", 0, "dynamic", "off"),
 }
-GRAPH_T_STEP = 16  # the graph variant rounds sequence lengths up to a multiple of this ...
-GRAPH_P_STEP = 64  # ... and the number of loss positions up to a multiple of this (one graph per pair)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -219,9 +220,9 @@ def trainer_args(encoded: Path, settings: dict[str, Any], variant: str, work_dir
     from steps.distributed import resolve_precision
     from steps.train_config import parse_config
 
-    precision, pad, bucket_window = TRAINER_VARIANTS[variant]
+    precision, pad, bucket_window, shapes, graphs = TRAINER_VARIANTS[variant]
     precision = resolve_precision(precision, torch.device(settings["device"]))  # as steps.train.main does
-    argv = ["--train_data", str(encoded), "--valid_data", str(encoded), "--model_card", settings["model_card"],
+    argv = ["--shapes", shapes, "--cuda_graphs", graphs,"--train_data", str(encoded), "--valid_data", str(encoded), "--model_card", settings["model_card"],
             "--train_batch_size", str(settings["batch"]), "--random_seed", str(settings["seed"]), "--correct_bias",
             "--precision", precision, "--pad", pad, "--bucket_window", str(bucket_window), "--work_dir", work_dir,
             "--device", settings["device_type"], "--scheduler", "linear", "--log_interval", "1000000", "--eval_interval", "1000000"]
@@ -248,167 +249,46 @@ def first_batch_loss(loss_module: nn.Module, batch: dict[str, torch.Tensor]) -> 
 
 
 def run_trainer_variant(variant: str, settings: dict[str, Any], plan: list[list[int]], work_dir: str) -> dict[str, Any]:
-    """(a), (a'), (b): time Trainer.train_update on the trainer's own batches (collate and transfer included)."""
+    """(a), (a'), (a''), (b): time Trainer.train_update on the trainer's own batches (collate and transfer included).
+
+    With static shapes, the trainer's updater starts as in Trainer.fit; with graphs, every bucket of the timed updates
+    is recorded before the clock starts, and the record time is scaled to the buckets of the paper's whole run.
+    """
     trainer = make_trainer(settings, variant, work_dir)
     if [u[0] for u in trainer.epoch_plan(1)[: len(plan)]] != plan[: trainer.updates_per_epoch]:
         raise RuntimeError("the trainer's update plan differs from the benchmark's: the variants would not see the same data")
     if variant == "reference":
         trainer.loss_module = ReferenceLossModule(trainer.model, trainer.cfg.label_smooth)
     trainer.loss_module.train()
-    first = trainer.next_update_batches()
-    parity = first_batch_loss(trainer.loss_module, first[0]) if trainer.cfg.precision == "fp32" else None
-    trainer.update_in_epoch = 0  # replay the plan from its first update
+    parity = None
+    if trainer.cfg.precision == "fp32" and not trainer.static:
+        parity = first_batch_loss(trainer.loss_module, trainer.next_update_batches()[0])
+        trainer.update_in_epoch = 0  # replay the plan from its first update
     warmup, timed = settings["warmup"], settings["updates"]
+    graphs = start_static_updater(trainer, warmup + timed)
+    if trainer.static:  # the positions a static update computes: rows x the length bucket
+        graphs["padded_tokens"] = [len(u) * trainer.shapes.bucket(max(trainer.lengths[i] for i in u), 0, len(u))[0]
+                                   for u in plan[warmup : warmup + timed]]
     times = time_updates(lambda: trainer.train_update(trainer.next_update_batches()), warmup, timed, trainer.env.device)
     meter = trainer.meter
     return {"times": times, "mean_loss": (meter["loss"] / meter["tokens"]).item(), "parity_nll": parity,
-            "trainable_params": sum(p.numel() for p in trainer.trainable), "precision": trainer.cfg.precision}
+            "trainable_params": sum(p.numel() for p in trainer.trainable), "precision": trainer.cfg.precision,
+            "shapes": trainer.cfg.shapes, "cuda_graphs": trainer.cfg.cuda_graphs, **graphs}
 
 
-# ---------------------------------------------------------------------------------------------- the CUDA-graph prototype
-
-
-def graph_buffers(batch: dict[str, torch.Tensor], t_bucket: int, p_bucket: int) -> dict[str, torch.Tensor]:
-    """A collated batch in static shapes: inputs padded to t_bucket, loss positions listed and padded to p_bucket.
-
-    Built on the host from the host-side mask, so the device never has to tell us how many loss positions exist.
-    """
-    pad = t_bucket - batch["input"].shape[1]
-    flat_mask = F.pad(batch["mask"], (0, pad)).reshape(-1)
-    index = flat_mask.nonzero().squeeze(1)
-    weight = torch.zeros(p_bucket)
-    weight[: len(index)] = flat_mask[index]
-    return {"input": F.pad(batch["input"], (0, pad)), "target": F.pad(batch["target"], (0, pad)).reshape(-1),
-            "index": F.pad(index, (0, p_bucket - len(index))), "weight": weight}
-
-
-def static_loss(model: GPT2, buffers: dict[str, torch.Tensor], label_smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """masked_lm_loss with fixed shapes: the LM head runs on a fixed-size list of positions, unused slots weigh 0.
-
-    The forward repeats GPT2.hidden's few lines without its position-range check (a host read, which a CUDA graph
-    cannot contain); the blocks, LoRA and LM head are the project's own modules.
-    """
-    ids = buffers["input"]
-    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    x = model.wte(ids) + model.wpe(positions)
-    for block in model.h:
-        x, _ = block(x, None, None)
-    hidden = model.ln_f(x).reshape(-1, x.shape[-1]).index_select(0, buffers["index"])
-    logits = model.logits(hidden).float()
-    targets = buffers["target"].index_select(0, buffers["index"])
-    lse = torch.logsumexp(logits, dim=-1)
-    nll = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    loss = (1.0 - label_smooth) * nll + label_smooth * (lse - logits.mean(dim=-1)) if label_smooth > 1e-4 else nll
-    weight = buffers["weight"]
-    return (loss * weight).sum(), (nll * weight).sum()
-
-
-class GraphedUpdates:
-    """One update = forward + backward + AdamW, as one CUDA graph per (length bucket, loss-position bucket).
-
-    Static inputs per bucket; the learning rate is a device tensor that the LambdaLR updates in place; the loss
-    meters are device tensors the graph adds to. On the CPU the same step runs eagerly (no capture).
-    """
-
-    def __init__(self, model: GPT2, optimizer: CapturableAdamW, label_smooth: float, device: torch.device, amp: torch.dtype | None):
-        self.model, self.optimizer, self.label_smooth = model, optimizer, label_smooth
-        self.device, self.amp = device, amp
-        self.capture = device.type == "cuda"
-        self.graphs: dict[tuple[int, int], tuple[Any, dict[str, torch.Tensor]]] = {}
-        self.pool = None
-        self.loss_meter = torch.zeros((), device=device)
-        self.token_meter = torch.zeros((), device=device)
-        self.build_seconds = 0.0
-
-    def buckets(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-        T = batch["input"].shape[1]
-        P = int(batch["mask"].count_nonzero())
-        return math.ceil(T / GRAPH_T_STEP) * GRAPH_T_STEP, max(1, math.ceil(P / GRAPH_P_STEP)) * GRAPH_P_STEP
-
-    def step_body(self, static: dict[str, torch.Tensor]) -> None:
-        # Autocast's weight-cast cache must be off under capture: a cached cast would outlive the graph's memory.
-        amp = (torch.autocast(self.device.type, dtype=self.amp, cache_enabled=False) if self.amp is not None
-               else contextlib.nullcontext())
-        with amp:
-            loss_sum, _ = static_loss(self.model, static, self.label_smooth)
-        tokens = static["weight"].sum()
-        (loss_sum / (tokens + 1e-4)).backward()
-        self.optimizer.step()
-        self.loss_meter += loss_sum.detach()
-        self.token_meter += tokens
-
-    def prepare(self, batch: dict[str, torch.Tensor]) -> None:
-        """Record the graph for this batch's bucket if it is new (warm-up runs train for real, as in PyTorch's recipe)."""
-        key = self.buckets(batch)
-        if key in self.graphs:
-            return
-        started = time.perf_counter()
-        static = {k: v.to(self.device) for k, v in graph_buffers(batch, *key).items()}
-        graph = None
-        if self.capture:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step_body(static)
-            torch.cuda.current_stream().wait_stream(side)
-            self.optimizer.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.step_body(static)
-            self.pool = self.pool or graph.pool()
-            torch.cuda.synchronize()
-        self.graphs[key] = (graph, static)
-        self.build_seconds += time.perf_counter() - started
-
-    def update(self, batch: dict[str, torch.Tensor]) -> None:
-        key = self.buckets(batch)
-        graph, static = self.graphs[key]
-        for name, value in graph_buffers(batch, *key).items():
-            static[name].copy_(value, non_blocking=True)
-        if graph is None:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step_body(static)
-        else:
-            graph.replay()
-
-
-def run_graph_variant(settings: dict[str, Any], examples: list[Example], plan: list[list[int]]) -> dict[str, Any]:
-    """(a''): the project's model, LoRA, loss and capturable AdamW, one CUDA graph per bucket (eager on the CPU)."""
-    device = torch.device(settings["device"])
-    cfg = card(settings["model_card"])
-    torch.manual_seed(settings["seed"])
-    model = GPT2(cfg, LoRAConfig(r=RECIPE["lora_dim"], alpha=RECIPE["lora_alpha"], dropout=RECIPE["lora_dropout"]))
-    mark_only_lora_trainable(model)
-    model.to(device).train()
-    optimizer = CapturableAdamW(param_groups_for(model.named_parameters(), RECIPE["weight_decay"], False),
-                                lr=torch.tensor(RECIPE["lr"], device=device), betas=(RECIPE["adam_beta1"], RECIPE["adam_beta2"]),
-                                eps=RECIPE["adam_epislon"], weight_decay=RECIPE["weight_decay"], correct_bias=True)
-    scheduler = build_scheduler(optimizer, "linear", RECIPE["warmup_step"], RECIPE["max_step"])
-    amp = torch.bfloat16 if device.type == "cuda" else None  # bf16 where graphs run; fp32 for the CPU parity check
-    runner = GraphedUpdates(model, optimizer, RECIPE["label_smooth"], device, amp)
-    batches = [collate([examples[i] for i in u]) for u in plan]
-    parity = None
-    if amp is None:  # the static formulation must give masked_lm_loss's number (fp32, no dropout)
-        model.eval()
-        with torch.no_grad():
-            buffers = {k: v.to(device) for k, v in graph_buffers(batches[0], *runner.buckets(batches[0])).items()}
-            _, nll_sum = static_loss(model, buffers, 0.0)
-            parity = (nll_sum / buffers["weight"].sum()).item()
-        model.train()
-    for batch in batches:  # every bucket the run will need, recorded before the clock starts
-        runner.prepare(batch)
-    queue = iter(batches)
-
-    def one_update() -> None:
-        runner.update(next(queue))
-        scheduler.step()
-
-    times = time_updates(one_update, settings["warmup"], settings["updates"], device)
-    return {"times": times, "mean_loss": (runner.loss_meter / runner.token_meter).item(), "parity_nll": parity,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "graphs": len(runner.graphs), "graph_build_s": round(runner.build_seconds, 2)}
+def start_static_updater(trainer, updates: int) -> dict[str, Any]:
+    """Start the static-shape updater as Trainer.fit does; with graphs, the numbers of the recording."""
+    if trainer.updater is None:
+        return {}
+    use_graphs = trainer.updater.use_graphs
+    trainer.updater.start(trainer.planned_buckets(updates) if use_graphs else set(), trainer.cfg.train_batch_size)
+    if not use_graphs:
+        return {"graphs": 0}
+    graphs = len(trainer.updater.graphs)
+    paper_buckets = len(trainer.planned_buckets(PAPER_UPDATES))  # host-side plan only: cheap
+    return {"graphs": graphs, "graph_build_s": round(trainer.updater.build_seconds, 2),
+            "paper_run_graphs": paper_buckets,
+            "paper_run_graph_build_s": round(trainer.updater.build_seconds / max(graphs, 1) * paper_buckets, 2)}
 
 
 # ---------------------------------------------------------------------------------------------- transformers + peft
@@ -524,13 +404,11 @@ def run_worker(variant: str, settings: dict[str, Any]) -> dict[str, Any]:
     records = [json.loads(line) for line in Path(settings["encoded"]).read_text().splitlines()]
     pairs = [(r["context"], r["completion"]) for r in records]
     examples = build_examples(pairs, RECIPE["seq_len"])
-    bucket_window = int(PIPELINE["bucket_window"]) if variant == "ours_graph" else TRAINER_VARIANTS.get(variant, (0, 0, 0))[2]
+    bucket_window = TRAINER_VARIANTS[variant][2] if variant in TRAINER_VARIANTS else 0
     plan = update_plan(examples, settings["batch"], settings["seed"], settings["warmup"] + settings["updates"], bucket_window)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as work_dir:
         if variant in TRAINER_VARIANTS:
             measured = run_trainer_variant(variant, settings, plan, work_dir)
-        elif variant == "ours_graph":
-            measured = run_graph_variant(settings, examples, plan)
         else:
             measured = run_peft_variant(variant, settings, examples, plan)
     measured["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
@@ -546,7 +424,8 @@ def summarise(variant: str, settings: dict[str, Any], measured: dict[str, Any], 
     n = len(times)
     cfg = card(settings["model_card"])
     flops = sum(update_flops(cfg, [len(examples[i].input) for i in u], lp) for u, lp in zip(timed_plan, counts["loss_positions"]))
-    computed = counts["padded_tokens"] if variant != "reference" else [len(u) * RECIPE["seq_len"] for u in timed_plan]
+    computed = measured.pop("padded_tokens", counts["padded_tokens"])
+    computed = computed if variant != "reference" else [len(u) * RECIPE["seq_len"] for u in timed_plan]
     result = {
         "variant": variant, "label": VARIANTS[variant].replace("(auto,", f"(auto = {measured.get('precision')},"), "timed_updates": n, "seconds": round(seconds, 3),
         "ms_per_update": 1000 * seconds / n, "ms_per_update_median": 1000 * statistics.median(times),
@@ -554,8 +433,6 @@ def summarise(variant: str, settings: dict[str, Any], measured: dict[str, Any], 
         "padding_share": 1 - sum(counts["tokens"]) / sum(computed),
         "achieved_tflops": flops / seconds / 1e12, "model_flops_per_update": flops / n, **measured,
     }
-    if variant == "ours_graph" and settings["device_type"] != "cuda":
-        result["label"] += " [on CPU: eager fp32 check, no graphs]"
     peak = settings.get("peak_tflops")
     result["mfu"] = result["achieved_tflops"] / peak if peak else None
     return result
@@ -573,9 +450,20 @@ def run_variant(variant: str, settings_file: Path, result_file: Path) -> dict[st
     return json.loads(result_file.read_text())
 
 
+def skipped_variant(variant: str, device_type: str) -> dict[str, Any] | None:
+    """A row for a variant this device cannot run (CUDA graphs on a CPU), with the reason; None when it can run."""
+    if variant in NEEDS_CUDA and device_type != "cuda":
+        return {"variant": variant, "label": VARIANTS[variant], "skipped": NEEDS_CUDA[variant].format(device=device_type)}
+    return None
+
+
+def measured(result: dict[str, Any] | None) -> bool:
+    return bool(result) and "error" not in result and "skipped" not in result
+
+
 def best_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The fastest of a variant's rounds (on a shared machine the slower ones measured other people's load)."""
-    good = [r for r in runs if "error" not in r]
+    good = [r for r in runs if measured(r)]
     if not good:
         return runs[0]
     best = dict(max(good, key=lambda r: r["examples_per_s"]))
@@ -587,7 +475,7 @@ def ratios(results: dict[str, dict[str, Any]], device_type: str) -> dict[str, An
     """The issue's target ratios from this run's numbers (None where a variant is missing or failed)."""
     def ok(name: str) -> dict[str, Any] | None:
         r = results.get(name)
-        return r if r and "error" not in r else None
+        return r if measured(r) else None
 
     ours = ok("ours")
     candidates = [ok(name) for name in VARIANTS if name.startswith("ours")]
@@ -610,7 +498,7 @@ def ratios(results: dict[str, dict[str, Any]], device_type: str) -> dict[str, An
     if fp32 and ref:
         out["parity_nll_abs_diff_fp32"] = abs(fp32["parity_nll"] - ref["parity_nll"])
     if fastest_ours:
-        out["paper_run_minutes"] = fastest_ours["ms_per_update"] * PAPER_UPDATES / 60000 + fastest_ours.get("graph_build_s", 0) / 60
+        out["paper_run_minutes"] = fastest_ours["ms_per_update"] * PAPER_UPDATES / 60000 + fastest_ours.get("paper_run_graph_build_s", 0) / 60
     return out
 
 
@@ -620,8 +508,9 @@ def print_report(results: list[dict[str, Any]], summary: dict[str, Any], setting
     headers += ["TFLOP/s", "MFU"] if gpu else []
     rows = []
     for r in results:
-        if "error" in r:
-            rows.append([r["label"], f"failed: {r['error']}", *[None] * (len(headers) - 2)])
+        if "error" in r or "skipped" in r:
+            note = f"failed: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
+            rows.append([r["label"], note, *[None] * (len(headers) - 2)])
             continue
         row = [r["label"], r["examples_per_s"], r["tokens_per_s"], r["ms_per_update"], r["peak_mem_mib"],
                f"{100 * r['padding_share']:.0f}%", r["mean_loss"]]
@@ -680,20 +569,22 @@ def run_all(args: argparse.Namespace) -> int:
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         jobs = [(r, v) for r in range(args.rounds) for v in variants]  # rounds interleaved: a load spike hits all variants
         for round_, variant in tqdm(jobs, desc="variants", unit="variant", file=sys.stderr):
-            runs[variant].append(run_variant(variant, settings_file, Path(tmp) / f"{variant}_{round_}.json"))
+            skipped = skipped_variant(variant, device.type)
+            runs[variant].append(skipped or run_variant(variant, settings_file, Path(tmp) / f"{variant}_{round_}.json"))
         results = [best_round(runs[v]) for v in variants]
     summary = ratios({r["variant"]: r for r in results}, device.type)
     print_report(results, summary, settings, machine)
     common.save_results(out, {"benchmark": "train", "machine": machine, "settings": {k: v for k, v in settings.items() if k != "encoded"},
                               "results": results, "summary": summary})
     failed = [r["variant"] for r in results if "error" in r]
+    skipped = [r["variant"] for r in results if "skipped" in r]
     best = summary.get("best_ours")
     versus = [f"{summary[key]:.2f}x {name}" for key, name in (("ours_vs_reference", "the reference-equivalent"),
                                                                ("ours_vs_best_peft", "transformers+peft at its best"))
               if summary.get(key) is not None]
-    print(f"\nbench_train: {len(results) - len(failed)}/{len(results)} variants on {device} ({args.model_card}, batch {args.batch}); "
+    print(f"\nbench_train: {len(results) - len(failed) - len(skipped)}/{len(results)} variants on {device} ({args.model_card}, batch {args.batch}); "
           f"fastest ours: {best}" + (f", {' and '.join(versus)}" if versus else "") + f" -> {out}"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+          + (f"; skipped: {', '.join(skipped)}" if skipped else "") + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

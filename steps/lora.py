@@ -11,6 +11,7 @@ Layout, E = number of adapted projections (2 for q, v):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ class LoRAQKV(nn.Module):
         # loralib's init: Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(n), 1/sqrt(n)); B = 0 so training starts at W.
         # Each layer draws its own A (the original deep-copied one block, giving every layer the same A).
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(self.lora.dropout) if self.lora.dropout > 0 else nn.Identity()
+        self.dropout = LoRADropout(self.lora.dropout) if self.lora.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -99,6 +100,41 @@ class LoRAQKV(nn.Module):
         self.weight.copy_(self._unmerged_weight)
         del self._unmerged_weight
         self.merged = False
+
+
+class LoRADropout(nn.Module):
+    """Inverted dropout that draws its mask from a generator the trainer owns, not from torch's global one.
+
+    The trainer reseeds that generator before every micro-batch (`dropout_seed`), so a mask depends only on
+    (seed, rank, update, micro-batch): a resumed run draws the same masks, and nothing else in the process moves
+    the stream. On CUDA the generator is registered with the update's CUDA graphs: a replay reads the seed set
+    just before it (philox seed and offset live in device memory), so replayed dropout follows the same rule.
+    Without a generator (the model used on its own) the global one is used, like nn.Dropout.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
+def dropout_seed(seed: int, rank: int, step: int, micro_batch: int) -> int:
+    """The dropout generator's seed for one micro-batch: a stable hash (the same in every process and Python)."""
+    digest = hashlib.blake2b(f"{seed}:{rank}:{step}:{micro_batch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: every torch generator accepts it
+
+
+def use_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> None:
+    """Make every LoRA dropout of `model` draw from `generator`."""
+    for module in model.modules():
+        if isinstance(module, LoRADropout):
+            module.generator = generator
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

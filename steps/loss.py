@@ -12,18 +12,34 @@ LABEL_SMOOTH_MIN = 1e-4  # the original switches label smoothing on above this v
 
 
 def masked_lm_loss(model: GPT2, batch: dict[str, torch.Tensor], label_smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over loss-mask positions of the label-smoothed loss and of the plain NLL.
+    """Sums over loss-mask positions of the label-smoothed loss and of the plain NLL (a batch from steps.data.collate).
 
     The LM head runs only on masked positions: with the clm objective most positions are context, and the
-    vocabulary projection is the biggest matmul of the model. Per token, with z the logits:
-        nll = logsumexp(z) - z[y],  smooth = logsumexp(z) - mean(z),  loss = (1 - e) * nll + e * smooth
-    which is the original's (1 - e) * -logp[y] + e * mean_v(-logp[v]).
+    vocabulary projection is the biggest matmul of the model.
     """
     hidden, _ = model.hidden(batch["input"])
     positions = batch["positions"]  # flat indices of the mask's nonzero positions (steps.data.collate)
-    logits = model.logits(hidden.flatten(0, 1).index_select(0, positions)).float()
     targets = batch["target"].view(-1).index_select(0, positions)
     weights = batch["mask"].view(-1).index_select(0, positions)
+    return loss_at_positions(model, hidden, positions, targets, weights, label_smooth)
+
+
+def static_lm_loss(model: GPT2, batch: dict[str, torch.Tensor], label_smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sums for a static-shape batch (steps.static_update.static_batch): its positions, targets and
+    weights come listed and padded to a fixed count on the host; padding slots weigh 0."""
+    hidden, _ = model.hidden(batch["input"])
+    return loss_at_positions(model, hidden, batch["index"], batch["target"], batch["weight"], label_smooth)
+
+
+def loss_at_positions(model: GPT2, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                      label_smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sums of the loss and the NLL at the flat positions `index` of `hidden` [B, T, C].
+
+    Per token, with z the logits:
+        nll = logsumexp(z) - z[y],  smooth = logsumexp(z) - mean(z),  loss = (1 - e) * nll + e * smooth
+    which is the original's (1 - e) * -logp[y] + e * mean_v(-logp[v]).
+    """
+    logits = model.logits(hidden.flatten(0, 1).index_select(0, index)).float()
     lse = torch.logsumexp(logits, dim=-1)
     nll = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if label_smooth > LABEL_SMOOTH_MIN:

@@ -304,3 +304,93 @@ def build_scheduler(
             group["initial_lr"] = 1.0
     multiplier = functools.partial(lr_multiplier, name, warmup_step=warmup_step, max_step=max_step, i_steps=steps, i_lrs=lrs)
     return LambdaLR(optimizer, multiplier)
+
+
+# --------------------------------------------------------------------------------------------------- capturable AdamW
+
+
+class CapturableAdamW(AdamW):
+    """The same AdamW with every number of its step on the device, so a CUDA graph can record the step.
+
+    AdamW above keeps step counts as Python ints and computes the bias corrections on the host: exact and sync-free,
+    but a graph would bake those host numbers into its kernels. Here each parameter's step count is a float32 0-d
+    tensor on its device, the bias corrections are computed there, and the learning rate is read from a 0-d device
+    tensor per group. Results equal AdamW's up to fp32 rounding (the step size is computed in fp32, not in doubles).
+
+    The schedule keeps setting `group["lr"]` as a float. An eager `step()` copies it to the device tensor first; a
+    captured step cannot (the copy would be recorded with the capture-time value), so whoever replays the graph calls
+    `load_lr()` before each replay. `prepare()` creates every state tensor up front: a capture must find them.
+    `state_dict()` saves int step counts, the format AdamW reads, so resume states move between the two either way.
+    On a CPU this path is slower than AdamW's (many 0-d tensor ops): it exists for the static-shape update.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._device_lrs: list[torch.Tensor] = []
+
+    def prepare(self) -> None:
+        """Every state tensor and the device learning rates, created now (a captured step must not allocate them)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                _device_step_count(state, p)
+        self.load_lr()
+
+    def load_lr(self) -> None:
+        """Copy each group's scheduled lr to its device tensor (outside any graph: a device-side fill, no sync)."""
+        if not self._device_lrs:
+            self._device_lrs = [torch.zeros((), dtype=torch.float32, device=g["params"][0].device) for g in self.param_groups]
+        for group, lr in zip(self.param_groups, self._device_lrs):
+            lr.fill_(float(group["lr"]))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        if not _capturing():
+            self.load_lr()
+        return super().step(closure)
+
+    def _apply_update(self, group: dict, params: list, exp_avgs: list, exp_avg_sqs: list, states: list) -> None:
+        lr = self._device_lrs[next(i for i, g in enumerate(self.param_groups) if g is group)]  # by identity: == compares tensors
+        beta1, beta2 = group["betas"]
+        steps = [_device_step_count(state, p) for state, p in zip(states, params)]
+        torch._foreach_add_(steps, 1.0)
+        denoms = adam_denominators(group, exp_avg_sqs)
+        if group["correct_bias"]:
+            # step_size = lr * sqrt(1 - b2^t) / (1 - b1^t), one 0-d tensor per parameter
+            correction1 = torch._foreach_pow(beta1, steps)
+            torch._foreach_neg_(correction1)
+            torch._foreach_add_(correction1, 1.0)
+            step_sizes = torch._foreach_pow(beta2, steps)
+            torch._foreach_neg_(step_sizes)
+            torch._foreach_add_(step_sizes, 1.0)
+            torch._foreach_sqrt_(step_sizes)
+            torch._foreach_div_(step_sizes, correction1)
+            torch._foreach_mul_(step_sizes, lr)
+            torch._foreach_div_(denoms, step_sizes)  # p - m / (denom / step) == p - step * m / denom
+        else:
+            torch._foreach_div_(denoms, lr)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=-1.0)
+        if group["weight_decay"] > 0.0:
+            torch._foreach_add_(params, torch._foreach_mul(params, -lr * group["weight_decay"]))  # after the update
+
+    def state_dict(self) -> dict:
+        """The state with int step counts (one host read per parameter: call it between steps, never in a capture)."""
+        saved = super().state_dict()
+        saved["state"] = {key: {**state, "step": int(state["step"])} for key, state in saved["state"].items()}
+        return saved
+
+
+def _device_step_count(state: dict, p: torch.Tensor) -> torch.Tensor:
+    """The parameter's step count as a float32 0-d tensor on its device (converted once, e.g. after a resume)."""
+    step = state["step"]
+    if not isinstance(step, torch.Tensor) or step.device != p.device:
+        state["step"] = torch.as_tensor(float(step), dtype=torch.float32, device=p.device)
+    return state["step"]
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -10,6 +10,10 @@ One change in semantics, on purpose: the loss of an update is the token mean ove
 micro-batches on all ranks). So batch 8 equals batch 4 x grad_acc 2 equals 2 processes x batch 4, exactly.
 With one process and grad_acc 1 it is the original's per-batch token mean.
 
+Each update runs in dynamic shapes (every batch its own shape: the reference) or, with --shapes static, in
+length buckets through steps/static_update.py, eagerly or replayed from CUDA graphs (--cuda_graphs; on CUDA by
+default where the settings allow it; docs/training.md, "The GPU fast path").
+
 The work dir gets the adapter, `checkpoints/step_N/`, `best/`, `resume/state.pt`, the CSV logs, `summary.json` and
 `status.json` (completed, bad_input, diverged, or "running" after a crash: the flow's retry decision).
 """
@@ -35,12 +39,13 @@ from steps.common import InputError, TrainingDiverged, claim_outputs, die_with_p
 from steps.data import EpochPlan, collate, epoch_updates, load_splits, shard_sequential
 from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
 from steps.export import start_from_adapter
-from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
+from steps.lora import LoRAConfig, dropout_seed, mark_only_lora_trainable, parse_targets, use_dropout_generator
 from steps.loss import LossModule, masked_lm_loss
 from steps.model import GPT2, card
-from steps.optim import AdamW, build_scheduler, param_groups_for
+from steps.optim import AdamW, CapturableAdamW, build_scheduler, param_groups_for
+from steps.static_update import Bucket, Shapes, StaticUpdater, static_batch
 from steps.tracking import RunLogger
-from steps.train_config import TrainConfig, fingerprint, parse_config, resolve_max_step, setup_warnings
+from steps.train_config import TrainConfig, fingerprint, parse_config, resolve_fast_path, resolve_max_step, setup_warnings
 from steps.train_status import record_failure, write_status
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -76,7 +81,11 @@ def build_model(cfg: TrainConfig) -> tuple[GPT2, list[str]]:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: Dist):
+        # Precision, shapes and CUDA graphs resolved for this device first: the fingerprint records the result.
+        cfg = replace(cfg, precision=resolve_precision(cfg.precision, env.device))
+        cfg = resolve_fast_path(cfg, env.device.type)
         self.cfg, self.env = cfg, env
+        self.static = cfg.shapes == "static"
         self.work_dir = Path(cfg.work_dir)
         self.model, self.notes = build_model(cfg)
         self.train_set, self.valid_set = load_splits(cfg.train_data, cfg.valid_data, cfg.seq_len, cfg.obj, cfg.truncation,
@@ -87,12 +96,12 @@ class Trainer:
             self.model.store_frozen_matrices_in(self.amp_dtype)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         loss_module = LossModule(self.model, cfg.label_smooth)
-        if env.world > 1:
+        if env.world > 1 and not self.static:  # the static update all-reduces its flat gradient itself
             loss_module = nn.parallel.DistributedDataParallel(
                 loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                 broadcast_buffers=False, gradient_as_bucket_view=True)
         self.loss_module = loss_module
-        self.optimizer = AdamW(
+        self.optimizer = (CapturableAdamW if self.static else AdamW)(
             param_groups_for(self.model.named_parameters(), cfg.weight_decay, cfg.no_decay_bias),
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epislon,
             weight_decay=cfg.weight_decay, correct_bias=cfg.correct_bias)
@@ -115,13 +124,27 @@ class Trainer:
         self.base = ckpt.base_identity(cfg.init_checkpoint) if env.main else None
         self.tracker = RunLogger.from_env(env.rank)  # MLflow on rank 0 when the flow set MLFLOW_RUN_ID; else a no-op
         self.progress: tqdm | None = None
-        self._reset_meters()
+        zero = torch.zeros((), device=env.device)
+        self.meter: dict[str, Any] = {"loss": zero.clone(), "nll": zero.clone(), "tokens": zero.clone(), "updates": 0, "seconds": 0.0}
+        self.shapes = Shapes(cfg.length_multiple, cfg.loss_multiple, self.model.config.n_positions)
+        self.loss_counts = [sum(1 for m in e.mask if m) for e in self.train_set]
+        self.updater: StaticUpdater | None = None
+        self.dropout_generator: torch.Generator | None = None
+        if self.static:
+            self.updater = StaticUpdater(self.model, self.optimizer, self.meter, label_smooth=cfg.label_smooth, clip=cfg.clip,
+                                         amp_dtype=self.amp_dtype, seed=cfg.random_seed, rank=env.rank, world=env.world,
+                                         use_graphs=cfg.cuda_graphs == "on")
+        else:
+            self.dropout_generator = torch.Generator(device=env.device)
+            use_dropout_generator(self.model, self.dropout_generator)
 
     # -- bookkeeping
 
     def _reset_meters(self) -> None:
-        zero = torch.zeros((), device=self.env.device)
-        self.meter = {"loss": zero.clone(), "nll": zero.clone(), "tokens": zero.clone(), "updates": 0, "seconds": 0.0}
+        """Zero the meters in place: a captured update adds to these very tensors."""
+        for key in ("loss", "nll", "tokens"):
+            self.meter[key].zero_()
+        self.meter["updates"], self.meter["seconds"] = 0, 0.0
 
     def log(self, message: str) -> None:
         if self.env.main:
@@ -144,12 +167,38 @@ class Trainer:
         micro_batches = self._plan[self.update_in_epoch]
         self.update_in_epoch += 1
         pad_to = self.cfg.seq_len if self.cfg.pad == "fixed" else None
+        if self.static:  # host tensors: the updater copies them into its bucket's buffers
+            return [static_batch([self.train_set[i] for i in indices], self.shapes, pad_to) for indices in micro_batches]
         return [{k: v.to(self.env.device, non_blocking=True) for k, v in collate([self.train_set[i] for i in indices], pad_to).items()}
                 for indices in micro_batches]
 
+    def planned_buckets(self, until_step: int) -> set[Bucket]:
+        """Every static-shape bucket the updates from now to `until_step` will use, from the host-side plan alone."""
+        buckets: set[Bucket] = set()
+        epoch, update = self.epoch, self.update_in_epoch
+        plans: dict[int, EpochPlan] = {}
+        length_of = (lambda i: self.cfg.seq_len) if self.cfg.pad == "fixed" else (lambda i: self.lengths[i])
+        for _ in range(self.step, until_step):
+            if update >= self.updates_per_epoch:
+                epoch, update = epoch + 1, 0
+            plan = plans.setdefault(epoch, self.epoch_plan(epoch))
+            for indices in plan[update]:
+                buckets.add(self.shapes.bucket(max(length_of(i) for i in indices), sum(self.loss_counts[i] for i in indices), len(indices)))
+            update += 1
+        return buckets
+
     # -- one update
 
-    def train_update(self, group: list[dict[str, torch.Tensor]]) -> None:
+    def train_update(self, group: list[dict[str, Any]]) -> None:
+        if self.updater is not None:  # static shapes (steps/static_update.py): replayed CUDA graphs, or the same step eagerly
+            self.updater.run_update(group, self.step)
+        else:
+            self.dynamic_update(group)
+        self.scheduler.step()
+        self.step += 1
+
+    def dynamic_update(self, group: list[dict[str, torch.Tensor]]) -> None:
+        """The reference update: each micro-batch in its own shape, DDP's all-reduce, the int-step AdamW."""
         cfg, env = self.cfg, self.env
         # The denominator is the number of loss tokens in the whole update, over all micro-batches and ranks,
         # plus the original's 1e-4; DDP averages gradients over ranks, hence the factor world.
@@ -158,7 +207,7 @@ class Trainer:
         scale = env.world / (global_tokens + 1e-4)
         for i, batch in enumerate(group):
             # Dropout masks depend only on (seed, rank, step, micro-batch): a resumed run draws the same ones.
-            torch.manual_seed(hash((cfg.random_seed, env.rank, self.step, i)) % (2**63))
+            self.dropout_generator.manual_seed(dropout_seed(cfg.random_seed, env.rank, self.step, i))
             sync = i == len(group) - 1
             with self._no_sync(sync), torch.autocast(env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 loss_sum, nll_sum = self.loss_module(batch)
@@ -172,8 +221,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
 
     def _no_sync(self, sync: bool):
         if self.env.world > 1 and not sync:
@@ -289,7 +336,11 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.update_in_epoch = state["step"], state["epoch"], state["update_in_epoch"]
         self.best_valid, self.last_train_loss = state["best_valid"], state.get("last_train_loss", math.nan)
-        self.meter = {k: (v.to(self.env.device) if torch.is_tensor(v) else v) for k, v in state["meter"].items()}
+        for key, value in state["meter"].items():  # in place: the static update adds to these tensors
+            if torch.is_tensor(value):
+                self.meter[key].copy_(value)
+            else:
+                self.meter[key] = value
         if self.env.main:
             for name in (reports.TRAIN_LOG, reports.VALID_LOG):  # forget log rows written after the state we resume from
                 reports.truncate_after(self.work_dir / name, self.step)
@@ -302,13 +353,15 @@ class Trainer:
         if self.env.main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
+        if self.updater is not None:  # after the resume: graphs point at the optimizer state it loaded
+            self.updater.start(self.planned_buckets(self.max_step) if self.updater.use_graphs else set(), cfg.train_batch_size)
         if self.env.main:
             write_status(self.work_dir, "running")
         self.env.barrier()
         n_trainable = sum(p.numel() for p in self.trainable)
         self.log(f"train: {len(self.train_set)} examples, valid: {len(self.valid_set)} | {cfg.model_card} | trainable params "
                  f"{n_trainable:,} | world {self.env.world} on {self.env.device} | {self.updates_per_epoch} updates/epoch, "
-                 f"max_step {self.max_step} | precision {cfg.precision}")
+                 f"max_step {self.max_step} | precision {cfg.precision} | {self.fast_path_note()}")
         for warning in [*self.notes, *setup_warnings(cfg, n_trainable)]:
             self.log(warning)
         truncated = sum(e.truncated for e in self.train_set)
@@ -336,6 +389,14 @@ class Trainer:
             self.finish(summary, time.perf_counter() - started)
         self.tracker.close()
         return summary
+
+    def fast_path_note(self) -> str:
+        if not self.static:
+            return "dynamic shapes"
+        shapes = f"static shapes (length x{self.cfg.length_multiple}, loss positions x{self.cfg.loss_multiple})"
+        if self.updater is None or not self.updater.use_graphs:
+            return shapes + ", eager"
+        return f"{shapes}, {len(self.updater.graphs)} CUDA graphs recorded in {self.updater.build_seconds:.1f} s"
 
     def run_one_update(self) -> None:
         cfg = self.cfg
@@ -377,7 +438,6 @@ def train(cfg: TrainConfig) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         claim_outputs(cfg.work_dir, cfg.plots_dir, cfg.summary_file and Path(cfg.summary_file).parent)
     env = setup_distributed(cfg.device)
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, env.device))  # resolved first: the fingerprint records it
     try:
         Trainer(cfg, env).fit()
     finally:

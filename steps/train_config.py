@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", default="auto", choices=["auto", "never"], help="auto: continue from work_dir/resume/state.pt when it exists")
     run.add_argument("--plots_dir", default=None, help="also write train_loss.csv, valid_loss.csv and loss.png here (the pipeline's DVC plots)")
     run.add_argument("--summary_file", default=None, help="also write the run summary JSON here (the pipeline's DVC metric)")
+    fast = p.add_argument_group("GPU fast path: static shapes and CUDA graphs (docs/training.md#the-gpu-fast-path)")
+    fast.add_argument("--cuda_graphs", default="auto", choices=["auto", "on", "off"],
+                      help="record each update (forward, backward, AdamW) as CUDA graphs, one per length bucket, and replay "
+                      "them. auto: on for a CUDA device when the settings allow it (static shapes, LoRA, not fp16), else off; "
+                      "on: the same, and an error where they do not allow it; off: the eager update")
+    fast.add_argument("--shapes", default="auto", choices=["auto", "static", "dynamic"],
+                      help="static: pad each micro-batch's length up to a multiple of --length_multiple and its loss positions "
+                      "up to a multiple of --loss_multiple (padding weighs 0), the fixed shapes a graph replays; dynamic: each "
+                      "batch in its own shape, the reference path; auto: static exactly when CUDA graphs are on")
+    fast.add_argument("--length_multiple", type=int, default=16, help="static shapes: lengths are rounded up to a multiple of this")
+    fast.add_argument("--loss_multiple", type=int, default=64,
+                      help="static shapes: the loss positions of a micro-batch are padded to a multiple of this")
     # Accepted for command-line compatibility with the original; they do nothing here.
     for dead in ("--platform", "--local_rank", "--local-rank", "--rank", "--world_size", "--roll_interval", "--roll_lr", "--roll_step", "--eval_epoch"):
         run.add_argument(dead, default=None, help=argparse.SUPPRESS)
@@ -146,6 +158,11 @@ class TrainConfig:
     resume: str
     plots_dir: str | None
     summary_file: str | None
+    # GPU fast path
+    cuda_graphs: str
+    shapes: str
+    length_multiple: int
+    loss_multiple: int
 
 
 @dataclass(frozen=True)
@@ -186,7 +203,7 @@ LIMITS: dict[str, Limit] = {
     "adam_epislon": Limit(low=0, low_open=True), "adam_beta1": PROBABILITY, "adam_beta2": PROBABILITY,
     "warmup_step": NON_NEGATIVE, "max_step": AT_LEAST_ONE, "max_epoch": AT_LEAST_ONE, "clip": NON_NEGATIVE,
     "label_smooth": PROBABILITY, "log_interval": AT_LEAST_ONE, "eval_interval": AT_LEAST_ONE,
-    "save_interval": AT_LEAST_ONE, "random_seed": Limit(),
+    "save_interval": AT_LEAST_ONE, "random_seed": Limit(), "length_multiple": AT_LEAST_ONE, "loss_multiple": AT_LEAST_ONE,
 }
 
 
@@ -228,7 +245,7 @@ FINGERPRINT_OPTIONS = [
     "train_batch_size", "grad_acc", "clip", "seq_len", "model_card", "lora_dim", "lora_alpha", "lora_dropout",
     "lora_targets", "label_smooth", "lr", "weight_decay", "scheduler", "warmup_step", "max_epoch", "max_step", "obj",
     "random_seed", "correct_bias", "adam_beta1", "adam_beta2", "adam_epislon", "no_decay_bias", "i_steps", "i_lrs",
-    "precision", "truncation", "bucket_window",
+    "precision", "truncation", "bucket_window", "cuda_graphs", "shapes", "length_multiple", "loss_multiple",
 ]
 
 
@@ -310,6 +327,46 @@ def resolve_max_step(cfg: TrainConfig, updates_per_epoch: int) -> int:
     if cfg.max_epoch is None:
         raise InputError("give --max_step or --max_epoch (the original crashed without either)")
     return cfg.max_epoch * updates_per_epoch
+
+
+# ---------------------------------------------------------------------------------------------- the GPU fast path
+
+
+def static_shape_blockers(cfg: TrainConfig) -> list[str]:
+    """Why this configuration cannot train in static shapes (empty when it can)."""
+    if cfg.precision == "fp16":
+        return ["--precision fp16 needs a GradScaler, which decides on the host whether to skip a step; use bf16"]
+    return []
+
+
+def graph_blockers(cfg: TrainConfig, device_type: str) -> list[str]:
+    """Why this configuration cannot replay CUDA graphs on this device (empty when it can)."""
+    reasons = []
+    if device_type != "cuda":
+        reasons.append(f"the run is on {device_type}, and CUDA graphs need a CUDA device")
+    if cfg.shapes == "dynamic":
+        reasons.append("--shapes dynamic asks for each batch in its own shape, and a graph replays fixed shapes")
+    if cfg.lora_dim == 0:
+        reasons.append("--lora_dim 0 trains the whole model, and the capture saves and restores every trainable tensor "
+                       "around its warm-up (graphs are made for LoRA's few)")
+    return reasons + static_shape_blockers(cfg)
+
+
+def resolve_fast_path(cfg: TrainConfig, device_type: str) -> TrainConfig:
+    """`--cuda_graphs` and `--shapes` resolved for this device: on/off and static/dynamic, never auto.
+
+    Asking for what cannot be done (graphs on a CPU, static shapes with fp16) is an InputError that says why.
+    Resolving resolved values changes nothing, so the trainer may call it on any config.
+    """
+    blockers = graph_blockers(cfg, device_type)
+    if cfg.cuda_graphs == "on" and blockers:
+        raise InputError(f"--cuda_graphs on cannot be honoured: {'; '.join(blockers)}. Use --cuda_graphs auto (on wherever "
+                         "it can be) or off")
+    graphs = "on" if cfg.cuda_graphs in ("on", "auto") and not blockers else "off"
+    if cfg.shapes == "static" and static_shape_blockers(cfg):
+        raise InputError(f"--shapes static cannot be honoured: {static_shape_blockers(cfg)[0]}")
+    shapes = cfg.shapes if cfg.shapes != "auto" else ("static" if graphs == "on" else "dynamic")
+    return replace(cfg, cuda_graphs=graphs, shapes=shapes)
 
 
 def setup_warnings(cfg: TrainConfig, n_trainable: int) -> list[str]:

@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.capturable_adamw import CapturableAdamW
 from steps.lora import LoRAConfig, mark_only_lora_trainable
 from steps.model import CARDS, GPT2
 from steps.optim import (
     NO_SCHEDULE,
     SCHEDULES,
     AdamW,
+    CapturableAdamW,
     build_scheduler,
     cycle_max_step,
     lr_multiplier,
@@ -177,23 +177,41 @@ def test_adamw_skips_parameters_without_gradient():
 
 
 def test_adamw_capturable_matches_default_path():
-    """Device-side step counts and a tensor lr driven by LambdaLR give the same weights up to fp32 rounding."""
+    """Device-side step counts and a device lr copied from LambdaLR's float give the same weights up to fp32 rounding."""
     grads = make_grads(8)
     results = []
     for capturable in (False, True):
         params = make_params()
-        lr = torch.tensor(1e-2) if capturable else 1e-2
         optimizer = CapturableAdamW if capturable else AdamW
-        opt = optimizer(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, correct_bias=True)
+        opt = optimizer(params, lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, correct_bias=True)
         sched = build_scheduler(opt, "linear", warmup_step=2, max_step=8)
         run_optimizer(opt, params, grads, scheduler=sched)
         results.append(params)
         if capturable:
             assert isinstance(opt.state[params[0]]["step"], torch.Tensor) and opt.state[params[0]]["step"].item() == 8
-            assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # updated in place, as a graph would need
+            assert isinstance(opt.param_groups[0]["lr"], float)  # the schedule's state stays plain numbers
+            opt.param_groups[0]["lr"] = 3e-3
+            opt.load_lr()  # what a replay does first: the graph reads the device copy
+            assert opt._device_lrs[0].item() == pytest.approx(3e-3, rel=1e-6)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert not torch.equal(results[0][0], make_params()[0])
+
+
+def test_adamw_capturable_with_two_groups_reads_each_groups_lr():
+    """Two groups (weight decay and none, as --no_decay_bias makes) with same-shaped tensors: each group's step uses its
+    own device lr and decay, as AdamW's does."""
+    grads = [[g, g.clone()] for g, *_ in make_grads(5)]
+    results = []
+    for optimizer in (AdamW, CapturableAdamW):
+        first, second = make_params()[0], make_params()[0]  # same shapes, same values: only the groups differ
+        groups = [{"params": [first], "weight_decay": 0.1, "lr": 1e-2}, {"params": [second], "weight_decay": 0.0, "lr": 3e-2}]
+        opt = optimizer(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, correct_bias=True)
+        run_optimizer(opt, [first, second], grads)
+        results.append((first.detach(), second.detach()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert not torch.allclose(results[1][0], results[1][1], atol=1e-3)  # the two groups really differ
 
 
 # --------------------------------------------------------------------------------------------- resume
@@ -208,8 +226,7 @@ def save_and_load(obj) -> dict:
 
 def fresh_run(name: str, capturable: bool = False, seed: int = 0):
     params = make_params(seed)
-    lr = torch.tensor(2e-3) if capturable else 2e-3
-    opt = (CapturableAdamW if capturable else AdamW)(params, lr=lr, weight_decay=0.01, correct_bias=True)
+    opt = (CapturableAdamW if capturable else AdamW)(params, lr=2e-3, weight_decay=0.01, correct_bias=True)
     sched = build_scheduler(opt, name, warmup_step=2, max_step=10, i_steps="0,3,6", i_lrs="0,0.003,0.001")
     return params, opt, sched
 
