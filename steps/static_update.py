@@ -109,6 +109,7 @@ class StaticUpdater:
         self.graphs: dict[Bucket, Any] = {}
         self.optimizer_graph: Any = None
         self.eager_micro_batches = 0  # micro-batches whose bucket had no graph (graphs on): run eagerly, same result
+        self.capture_error = ""  # why the graphs could not be recorded, when they could not (then the update runs eagerly)
         self.build_seconds = 0.0
 
     # -- the step bodies: exactly what a graph records
@@ -195,7 +196,14 @@ class StaticUpdater:
         self.optimizer.prepare()
         if self.use_graphs:
             started = time.perf_counter()
-            self.capture(sorted(buckets), rows)
+            try:
+                self.capture(sorted(buckets), rows)
+            except RuntimeError as exc:
+                # A capture this GPU, driver or torch build refuses must not cost the run: the same static update,
+                # eagerly (the result is the same; only the speed differs). The trainer reports it.
+                self.graphs.clear()
+                self.optimizer_graph, self.use_graphs = None, False
+                self.capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             self.build_seconds += time.perf_counter() - started
 
     def capture(self, buckets: list[Bucket], rows: int) -> None:
@@ -204,20 +212,22 @@ class StaticUpdater:
         for bucket in buckets:  # the static inputs first, on the main stream, where each update fills them
             self.buffers_for(bucket, rows)
         saved = self.snapshot()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for bucket in buckets:
+                    self.micro_step(self.buffers[bucket])
+                self.optimizer_step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            pool = None
             for bucket in buckets:
-                self.micro_step(self.buffers[bucket])
-            self.optimizer_step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        pool = None
-        for bucket in buckets:
-            self.graphs[bucket] = self.record(lambda b=bucket: self.micro_step(self.buffers[b]), pool)
-            pool = pool or self.graphs[bucket].pool()  # one memory pool: graphs never run at the same time
-        self.optimizer_graph = self.record(self.optimizer_step, pool)
-        torch.cuda.synchronize(self.device)
-        self.restore(saved)
+                self.graphs[bucket] = self.record(lambda b=bucket: self.micro_step(self.buffers[b]), pool)
+                pool = pool or self.graphs[bucket].pool()  # one memory pool: graphs never run at the same time
+            self.optimizer_graph = self.record(self.optimizer_step, pool)
+            torch.cuda.synchronize(self.device)
+        finally:
+            self.restore(saved)  # also after a failed capture: the eager fallback starts from the same values
 
     def record(self, body: Any, pool: Any) -> Any:
         graph = torch.cuda.CUDAGraph()

@@ -394,6 +394,8 @@ class Trainer:
         if not self.static:
             return "dynamic shapes"
         shapes = f"static shapes (length x{self.cfg.length_multiple}, loss positions x{self.cfg.loss_multiple})"
+        if self.updater is not None and self.updater.capture_error:
+            return f"{shapes}, eager: the CUDA graphs could not be recorded ({self.updater.capture_error}); --cuda_graphs off skips trying"
         if self.updater is None or not self.updater.use_graphs:
             return shapes + ", eager"
         return f"{shapes}, {len(self.updater.graphs)} CUDA graphs recorded in {self.updater.build_seconds:.1f} s"

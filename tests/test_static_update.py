@@ -118,6 +118,22 @@ def test_static_training_equals_dynamic_training(tmp_path, layout):
         assert float(row_b["loss"]) == pytest.approx(float(row_a["loss"]), rel=1e-5)
 
 
+def test_a_refused_capture_falls_back_to_the_same_update_eagerly(tmp_path, capsys):
+    """When recording the graphs raises (here: a CPU, where torch.cuda.Stream does), the run goes on eagerly with the
+    same static update, says so, and ends with the adapter of a run that never tried graphs."""
+    eager = tmp_path / "eager"
+    assert main(tiny_run_args(tmp_path / "data", eager, max_step=3, shapes="static", lora_dropout=0.1)) == 0
+    trainer = Trainer(parse_config(tiny_run_args(tmp_path / "data", tmp_path / "fallback", max_step=3, shapes="static",
+                                                 lora_dropout=0.1)), Dist(0, 1, torch.device("cpu")))
+    trainer.updater.use_graphs = True  # what --cuda_graphs on asks for on a GPU
+    capsys.readouterr()
+    trainer.fit()
+    assert "eager: the CUDA graphs could not be recorded (RuntimeError: " in capsys.readouterr().out
+    assert not trainer.updater.graphs and trainer.updater.optimizer_graph is None
+    a, b = adapter(eager), adapter(tmp_path / "fallback")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_two_processes_in_static_shapes_equal_one_dynamic_process(tmp_path):
     """DDP without DDP's wrapper: each rank's flat gradient all-reduced between the backward and the optimizer step
