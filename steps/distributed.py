@@ -23,6 +23,7 @@ from steps.common import InputError
 
 # A file that one node's processes rendezvous through (set by pipelines/trainer_launch.py for one node, many processes).
 RENDEZVOUS_FILE = "NLG_RENDEZVOUS_FILE"
+BROADCAST_CHUNK = 1 << 26  # bytes per collective when a file is sent to every rank (64 MiB of device memory at a time)
 # "1" on the node whose processes write the outputs (rank 0 and its neighbours); see the module docstring.
 OUTPUT_NODE = "NLG_OUTPUT_NODE"
 
@@ -67,14 +68,19 @@ class Dist:
         size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64, device=self.device)
         dist.broadcast(size, src=self.main_global_rank)
         length = int(size.item())
-        if length <= 0:
-            return None if length < 0 else b""
-        if self.main:
-            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
-        else:
-            buffer = torch.empty(length, dtype=torch.uint8, device=self.device)
-        dist.broadcast(buffer, src=self.main_global_rank)
-        return data if self.main else buffer.cpu().numpy().tobytes()
+        if length < 0:
+            return None
+        received = bytearray()
+        for start in range(0, length, BROADCAST_CHUNK):  # in pieces: a full fine-tune's state is gigabytes
+            count = min(BROADCAST_CHUNK, length - start)
+            if self.main:
+                piece = torch.frombuffer(bytearray(data[start:start + count]), dtype=torch.uint8).to(self.device)
+            else:
+                piece = torch.empty(count, dtype=torch.uint8, device=self.device)
+            dist.broadcast(piece, src=self.main_global_rank)
+            if not self.main:
+                received += piece.cpu().numpy().tobytes()
+        return data if self.main else bytes(received)
 
 
 def setup_distributed(device_choice: str) -> Dist:
