@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -57,11 +58,12 @@ def launches_torchrun(cfg: FinetuneConfig) -> bool:
     return int(torchrun["nnodes"]) > 1 or processes_per_node(torchrun) is None
 
 
-def trainer_commands(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = None) -> list[tuple[list[str], dict[str, str]]]:
-    """(argv, env) of every process this node starts."""
+def trainer_commands(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = None,
+                     error_file: Path | None = None) -> list[tuple[list[str], dict[str, str]]]:
+    """(argv, env) of every process this node starts; torchrun writes why it failed to `error_file`."""
     env = trainer_env(cfg, run_id, lock_fd)
     if launches_torchrun(cfg):
-        env = {**env, **torchrun_env(cfg, lock_fd)}
+        env = {**env, **torchrun_env(cfg, lock_fd, error_file)}
         env.pop(WORK_DIR_LOCK_FD, None)  # torchrun closes every descriptor its workers would inherit
         return [(torchrun_argv(cfg.launch["torchrun"]) + trainer_argv(cfg.trainer), env)]
     command = [sys.executable, "-m", "steps.train", *trainer_argv(cfg.trainer)]
@@ -75,16 +77,12 @@ def trainer_commands(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | Non
     return [(command, {**env, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(world)]
 
 
-def torchrun_error_file(cfg: FinetuneConfig) -> Path:
-    """Where torchrun writes why it failed (TORCHELASTIC_ERROR_FILE): beside the work dir, no part of the DVC output."""
-    return cfg.work_dir.parent / f".{cfg.work_dir.name}.torchrun-error.json"
-
-
-def torchrun_env(cfg: FinetuneConfig, lock_fd: int | None) -> dict[str, str]:
-    env = {"TORCHELASTIC_ERROR_FILE": str(torchrun_error_file(cfg)),
-           # torch 2.13 keeps one store for every rendezvous round, and the restarted workers' gloo then reads the
+def torchrun_env(cfg: FinetuneConfig, lock_fd: int | None, error_file: Path | None) -> dict[str, str]:
+    env = {# torch 2.13 keeps one store for every rendezvous round, and the restarted workers' gloo then reads the
            # dead workers' addresses from it and fails (measured: max_restarts never recovered). A store per round works.
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    if error_file is not None:
+        env["TORCHELASTIC_ERROR_FILE"] = str(error_file)
     if cfg.node_rank == 0:
         env[OUTPUT_NODE] = "1"  # rank 0 on this node: it writes this node's work dir and the MLflow run
     if lock_fd is not None:
@@ -110,20 +108,26 @@ def trainer_env(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = N
 
 def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str], None], lock_fd: int | None = None) -> None:
     """Run the trainer to the end, streaming its output to `on_line`; raise TrainerFailed when it fails."""
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.work_dir / STATUS_FILE).unlink(missing_ok=True)  # a status left by an earlier run must not decide about this one
-    torchrun_error_file(cfg).unlink(missing_ok=True)
-    commands = trainer_commands(cfg, run_id, lock_fd)
+    if cfg.node_rank == 0:  # other nodes write nothing, and may share node 0's work dir
+        cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.work_dir / STATUS_FILE).unlink(missing_ok=True)  # a status left by an earlier run must not decide about this one
+    handle, name = tempfile.mkstemp(prefix="nlg-torchrun-error-", suffix=".json")  # private to this launch
+    os.close(handle)
+    error_file = Path(name)
+    commands = trainer_commands(cfg, run_id, lock_fd, error_file)
     on_line(f"launching: {' '.join(commands[0][0])}" + (f" (x{len(commands)} processes)" if len(commands) > 1 else ""))
     try:
         returncode = shell.stream_all(commands, cfg.project_dir, on_line, pass_fds=() if lock_fd is None else (lock_fd,))
+        timed_out = returncode != 0 and rendezvous_timed_out(error_file)
     finally:
+        error_file.unlink(missing_ok=True)
         for _, env in commands:
             if RENDEZVOUS_FILE in env:
                 Path(env[RENDEZVOUS_FILE]).unlink(missing_ok=True)
     if returncode == 0:
         return
-    rendezvous_failure(cfg)
+    if timed_out:
+        raise rendezvous_timeout(cfg)
     status = read_status(cfg.work_dir)
     state = status.get("state")
     if state == "bad_input":
@@ -134,16 +138,18 @@ def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str]
                         "checkpoint while retries are left", retryable=True)
 
 
-def rendezvous_failure(cfg: FinetuneConfig) -> None:
-    """Raise a clear, final TrainerFailed when torchrun gave up waiting for the other nodes."""
+def rendezvous_timed_out(error_file: Path) -> bool:
+    """Whether torchrun gave up waiting for the other nodes (its own error file says so, in JSON)."""
     try:
-        error = json.loads(torchrun_error_file(cfg).read_text(encoding="utf-8"))["message"]["message"]
+        error = json.loads(error_file.read_text(encoding="utf-8"))["message"]["message"]
     except (OSError, ValueError, KeyError, TypeError):
-        return
-    if not str(error).startswith("RendezvousTimeoutError"):
-        return
+        return False
+    return str(error).startswith("RendezvousTimeoutError")
+
+
+def rendezvous_timeout(cfg: FinetuneConfig) -> TrainerFailed:
     torchrun = cfg.launch["torchrun"]
-    raise TrainerFailed(
+    return TrainerFailed(
         f"the {torchrun['nnodes']} nodes did not all join the rendezvous at {torchrun.get('rdzv_endpoint') or torchrun.get('master_addr')} "
         f"within flow.torchrun.join_timeout = {torchrun.get('join_timeout')} s; start `python -m pipelines.finetune --set "
         "flow.torchrun.node_rank=<i>` on every node with the same endpoint and rdzv_id, and check that this port is reachable "

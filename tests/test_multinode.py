@@ -70,7 +70,9 @@ def two_node_params(root: Path, name: str, port: int, **torchrun) -> Path:
 def start_node(root: Path, params: Path, node_rank: int, api_url: str, *overrides: str) -> subprocess.Popen:
     """`python -m pipelines.finetune --set flow.torchrun.node_rank=N` in that machine's project, output to a log file."""
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    env.update({"PREFECT_API_URL": api_url, "PYTHONPATH": str(REPO)})
+    # One thread per worker, as in the reference run: with several, MKL picks its thread count by the machine's load
+    # and the last bits of two equal runs differed (1e-8, measured), which a bitwise comparison cannot allow.
+    env.update({"PREFECT_API_URL": api_url, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     sets = [arg for item in (f"flow.torchrun.node_rank={node_rank}", *overrides) for arg in ("--set", item)]
     log = open(root / f"{params.stem}.node{node_rank}.log", "w")  # noqa: SIM115  (the child keeps it open)
     with log:
@@ -165,10 +167,10 @@ def test_only_node_0_has_an_mlflow_run_a_registered_model_and_outputs(two_nodes,
     for output in ("models/two/adapter.safetensors", "models/two/summary.json", "two/train_summary.json", "two/loss.png",
                    "two/train_loss.csv", "models/two_run.json"):
         assert (node0 / output).is_file(), output
-    # Node 1: no MLflow store at all, no run file, no DVC metric or plot, nothing in its work dir but what is its own.
-    assert not (node1 / "mlflow.db").exists() and not (node1 / "mlruns").exists() and not (node1 / "models/two_run.json").exists()
-    assert not (node1 / "two").exists()
-    assert sorted(p.name for p in (node1 / "models/two").iterdir()) == []
+    # Node 1 writes nothing at all (so it may as well share node 0's directory): no MLflow store, no run file, no DVC
+    # metric or plot, no work dir, no lock; its project holds what it was given, nothing more.
+    assert not (node1 / "mlflow.db").exists() and not (node1 / "mlruns").exists() and not (node1 / "two").exists()
+    assert sorted(p.name for p in (node1 / "models").iterdir()) == ["base"]
     assert "finetune: node 1 done" in two_nodes["logs"][1]
 
 
@@ -195,7 +197,7 @@ def test_a_killed_worker_on_node_1_restarts_the_group_which_resumes_and_matches(
     assert killed, "node 1's worker was never killed"
     node0_log = result["logs"][0]
     assert "resumed from" in node0_log, node0_log[-3000:]
-    assert not (node1 / "models/elastic/resume").exists()  # node 1 resumed from node 0's state, not from a file of its own
+    assert not (node1 / "models/elastic").exists()  # node 1 resumed from node 0's state, not from a file of its own
     final = load_file(node0 / "models/elastic/adapter.safetensors")
     uninterrupted = load_file(node0 / "models/two/adapter.safetensors")
     for name in uninterrupted:
