@@ -7,7 +7,7 @@ Rank 0 is the one that writes (work dir, reports, MLflow). On several nodes it m
 the outputs, but torchrun's c10d rendezvous orders nodes by host name, not by `--node_rank`. So the trainer
 numbers the ranks itself: a process started with NLG_OUTPUT_NODE=1 (the finetune flow on node_rank 0 sets it)
 makes its node's processes ranks 0..n-1, the others follow in torchrun's order. Without the variable anywhere,
-torchrun's ranks are kept. Collectives still address processes by torchrun's rank (`global_rank`).
+torchrun's ranks are kept. Collectives still address processes by torchrun's rank (`Dist.main_global_rank`).
 """
 
 from __future__ import annotations
