@@ -18,7 +18,7 @@ from steps.common import InputError
 from steps.train_config import build_parser, option_problems
 
 FLOW_KEYS = ["torchrun", "retries", "retry_delay_seconds"]
-TORCHRUN_KEYS = ["nproc_per_node", "nnodes", "node_rank"]
+TORCHRUN_KEYS = ["nproc_per_node", "nnodes", "node_rank", "max_restarts", "join_timeout"]
 TRACKING_KEYS = ["tracking_uri", "experiment", "run_file"]
 DECODE_KEYS = ["beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "eos_token_id", "min_length",
                "eval_len", "seq_len", "batch_size"]
@@ -64,6 +64,7 @@ def load_config(params_file: str | os.PathLike, project_dir: str | os.PathLike =
     settings.require(tracking, TRACKING_KEYS, "tracking", params_path)
     settings.require(decode, DECODE_KEYS, "decode", params_path)
     check_trainer_section(trainer, params_path)
+    check_torchrun_section(launch["torchrun"], params_path)
     for key in ("train_data", "valid_data", "init_checkpoint"):
         if not settings.resolve_path(project, trainer[key]).is_file():
             raise InputError(f"finetune.{key} = {trainer[key]} does not exist; run the earlier stages first (dvc repro)", params_path)
@@ -82,6 +83,24 @@ def check_trainer_section(trainer: dict[str, Any], source: Path) -> None:
     problems += option_problems(trainer, name=lambda key: f"finetune.{key}")
     if problems:
         raise InputError("; ".join(problems), source)
+
+
+def check_torchrun_section(torchrun: dict[str, Any], source: Path) -> None:
+    """The node layout and its failure handling, all problems named at once (torchrun itself would say less, later)."""
+    counts = {"nnodes": 1, "node_rank": 0, "max_restarts": 0, "join_timeout": 1}  # each key's smallest value
+    problems = [f"flow.torchrun.{key} = {torchrun[key]!r}: expected a whole number >= {low}"
+                for key, low in counts.items() if not is_count(torchrun[key], low)]
+    if not problems and int(torchrun["node_rank"]) >= int(torchrun["nnodes"]):
+        problems.append(f"flow.torchrun.node_rank = {torchrun['node_rank']}: expected 0 to nnodes - 1 = {int(torchrun['nnodes']) - 1}")
+    if not problems and int(torchrun["nnodes"]) > 1 and not (torchrun.get("rdzv_endpoint") or torchrun.get("master_addr")):
+        problems.append(f"flow.torchrun.nnodes = {torchrun['nnodes']} needs a rendezvous: set rdzv_endpoint (host:port of "
+                        "node 0, with rdzv_backend c10d and an rdzv_id) or master_addr and master_port")
+    if problems:
+        raise InputError("; ".join(problems), source)
+
+
+def is_count(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def close_matches(key: str, options: dict[str, Any]) -> list[str]:
@@ -119,8 +138,10 @@ def torchrun_argv(torchrun: dict[str, Any]) -> list[str]:
     else:
         argv += [f"--nnodes={torchrun['nnodes']}", f"--node_rank={torchrun['node_rank']}"]
         argv += [f"--{key}={torchrun[key]}" for key in multi_node_keys if torchrun.get(key)]
-    if torchrun.get("max_restarts"):
+    if torchrun.get("max_restarts"):  # elastic: a failed worker restarts the whole group, which resumes from its checkpoint
         argv.append(f"--max_restarts={torchrun['max_restarts']}")
+    if torchrun.get("rdzv_backend") and torchrun.get("join_timeout"):  # how long the nodes wait for each other
+        argv.append(f"--rdzv_conf=join_timeout={torchrun['join_timeout']}")
     return [*argv, "-m", "steps.train"]
 
 

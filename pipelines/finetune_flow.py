@@ -44,7 +44,7 @@ def start_run(cfg: FinetuneConfig) -> tuple[str, str, bool]:
 
 
 @task(name="train", cache_policy=NO_CACHE, retry_condition_fn=retry_unless_final)
-def train(cfg: FinetuneConfig, run_id: str | None, lock_fd: int) -> None:
+def train(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None) -> None:
     trainer_launch.run_trainer(cfg, run_id, get_run_logger().info, lock_fd)
 
 
@@ -61,12 +61,13 @@ def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides
     cfg = load_config(params_file, project_dir, overrides)
     train_with_retries = train.with_options(retries=int(cfg.launch["retries"]),
                                             retry_delay_seconds=float(cfg.launch["retry_delay_seconds"]))
+    if cfg.node_rank != 0:
+        # Other nodes only contribute ranks and write nothing (no lock either: the work dir may be node 0's, shared);
+        # node 0 owns the MLflow run and the outputs.
+        train_with_retries(cfg, None, None)
+        return {"node_rank": cfg.node_rank}
     lock_fd = lock_work_dir(cfg.work_dir)  # one writer per work dir: held (and shared with the trainer) until the flow ends
     try:
-        if cfg.node_rank != 0:
-            # Other nodes only contribute ranks; node 0 owns the MLflow run and the outputs.
-            train_with_retries(cfg, None, lock_fd)
-            return {"node_rank": cfg.node_rank}
         run_id, experiment_id, resumed = start_run(cfg)
         try:
             train_with_retries(cfg, run_id, lock_fd)

@@ -6,25 +6,32 @@ How it is launched, by `flow.torchrun`:
   rendezvous file and talking over loopback (gloo/NCCL bound to `lo`). torchrun is not used here because its
   rendezvous stores listen on every interface, unauthenticated, and unpickle what they are sent.
 - several nodes: torchrun with the endpoint the user configured (docs/pipeline.md: keep that port reachable
-  by the training nodes alone).
+  by the training nodes alone). Node 0's flow marks its processes as the output node (NLG_OUTPUT_NODE), so the
+  trainer's rank 0, which writes the work dir and logs to MLflow, is on the node that owns the run, whatever
+  order torchrun's rendezvous gives the nodes. torchrun passes no descriptors on, so the work dir's lock is
+  shared by naming the flow's PID instead (steps.common.holds_inherited_lock).
 
 Whether a failed training is worth retrying is read from the trainer's own `status.json` in the work dir,
 never from its text: `bad_input` and `diverged` would fail the same way again; anything else (a crash, a kill,
-a lost node, status still `running`) is retried, and the retry resumes from the last checkpoint.
+a lost node, status still `running`) is retried, and the retry resumes from the last checkpoint. One torchrun
+failure is read from torchrun's own error file: a rendezvous that timed out (a node never came) is not retried,
+since a retry would wait just as long for a node nobody started.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from pipelines import settings, shell
 from pipelines.finetune_config import FinetuneConfig, torchrun_argv, trainer_argv
-from steps.common import PARENT_PID_ENV, WORK_DIR_LOCK_FD, InputError
-from steps.distributed import RENDEZVOUS_FILE
+from steps.common import PARENT_PID_ENV, WORK_DIR_LOCK_FD, WORK_DIR_LOCK_HOLDER, InputError
+from steps.distributed import OUTPUT_NODE, RENDEZVOUS_FILE
 from steps.train_status import STATUS_FILE, read_status
 
 
@@ -51,10 +58,13 @@ def launches_torchrun(cfg: FinetuneConfig) -> bool:
     return int(torchrun["nnodes"]) > 1 or processes_per_node(torchrun) is None
 
 
-def trainer_commands(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = None) -> list[tuple[list[str], dict[str, str]]]:
-    """(argv, env) of every process this node starts."""
+def trainer_commands(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = None,
+                     error_file: Path | None = None) -> list[tuple[list[str], dict[str, str]]]:
+    """(argv, env) of every process this node starts; torchrun writes why it failed to `error_file`."""
     env = trainer_env(cfg, run_id, lock_fd)
     if launches_torchrun(cfg):
+        env = {**env, **torchrun_env(cfg, lock_fd, error_file)}
+        env.pop(WORK_DIR_LOCK_FD, None)  # torchrun closes every descriptor its workers would inherit
         return [(torchrun_argv(cfg.launch["torchrun"]) + trainer_argv(cfg.trainer), env)]
     command = [sys.executable, "-m", "steps.train", *trainer_argv(cfg.trainer)]
     world = processes_per_node(cfg.launch["torchrun"]) or 1
@@ -67,13 +77,27 @@ def trainer_commands(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | Non
     return [(command, {**env, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(world)]
 
 
+def torchrun_env(cfg: FinetuneConfig, lock_fd: int | None, error_file: Path | None) -> dict[str, str]:
+    env = {# torch 2.13 keeps one store for every rendezvous round, and the restarted workers' gloo then reads the
+           # dead workers' addresses from it and fails (measured: max_restarts never recovered). A store per round works.
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    if error_file is not None:
+        env["TORCHELASTIC_ERROR_FILE"] = str(error_file)
+    if cfg.node_rank == 0:
+        env[OUTPUT_NODE] = "1"  # rank 0 on this node: it writes this node's work dir and the MLflow run
+    if lock_fd is not None:
+        env[WORK_DIR_LOCK_HOLDER] = str(os.getpid())
+    return env
+
+
 def trainer_env(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = None) -> dict[str, str]:
     env = shell.python_env({
         "MLFLOW_TRACKING_URI": cfg.tracking_uri,  # absolute: every rank must write to the same store
         # `-m steps.train` must import this checkout's steps, whatever the project directory is.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(settings.CODE_ROOT), os.environ.get("PYTHONPATH")])),
     })
-    for key in ("MLFLOW_RUN_ID", WORK_DIR_LOCK_FD, PARENT_PID_ENV, RENDEZVOUS_FILE):
+    for key in ("MLFLOW_RUN_ID", WORK_DIR_LOCK_FD, WORK_DIR_LOCK_HOLDER, PARENT_PID_ENV, RENDEZVOUS_FILE, OUTPUT_NODE,
+                "TORCHELASTIC_ERROR_FILE"):
         env.pop(key, None)
     if run_id is not None:
         env["MLFLOW_RUN_ID"] = run_id
@@ -84,18 +108,26 @@ def trainer_env(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = N
 
 def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str], None], lock_fd: int | None = None) -> None:
     """Run the trainer to the end, streaming its output to `on_line`; raise TrainerFailed when it fails."""
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.work_dir / STATUS_FILE).unlink(missing_ok=True)  # a status left by an earlier run must not decide about this one
-    commands = trainer_commands(cfg, run_id, lock_fd)
+    if cfg.node_rank == 0:  # other nodes write nothing, and may share node 0's work dir
+        cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.work_dir / STATUS_FILE).unlink(missing_ok=True)  # a status left by an earlier run must not decide about this one
+    handle, name = tempfile.mkstemp(prefix="nlg-torchrun-error-", suffix=".json")  # private to this launch
+    os.close(handle)
+    error_file = Path(name)
+    commands = trainer_commands(cfg, run_id, lock_fd, error_file)
     on_line(f"launching: {' '.join(commands[0][0])}" + (f" (x{len(commands)} processes)" if len(commands) > 1 else ""))
     try:
         returncode = shell.stream_all(commands, cfg.project_dir, on_line, pass_fds=() if lock_fd is None else (lock_fd,))
+        timed_out = returncode != 0 and rendezvous_timed_out(error_file)
     finally:
+        error_file.unlink(missing_ok=True)
         for _, env in commands:
             if RENDEZVOUS_FILE in env:
                 Path(env[RENDEZVOUS_FILE]).unlink(missing_ok=True)
     if returncode == 0:
         return
+    if timed_out:
+        raise rendezvous_timeout(cfg)
     status = read_status(cfg.work_dir)
     state = status.get("state")
     if state == "bad_input":
@@ -104,6 +136,24 @@ def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str]
         raise TrainerFailed(f"{status.get('message')} (not retried: it would diverge again)", retryable=False)
     raise TrainerFailed(f"trainer exited with status {returncode} (state {state or 'unknown'}); retried from its last "
                         "checkpoint while retries are left", retryable=True)
+
+
+def rendezvous_timed_out(error_file: Path) -> bool:
+    """Whether torchrun gave up waiting for the other nodes (its own error file says so, in JSON)."""
+    try:
+        error = json.loads(error_file.read_text(encoding="utf-8"))["message"]["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return str(error).startswith("RendezvousTimeoutError")
+
+
+def rendezvous_timeout(cfg: FinetuneConfig) -> TrainerFailed:
+    torchrun = cfg.launch["torchrun"]
+    return TrainerFailed(
+        f"the {torchrun['nnodes']} nodes did not all join the rendezvous at {torchrun.get('rdzv_endpoint') or torchrun.get('master_addr')} "
+        f"within flow.torchrun.join_timeout = {torchrun.get('join_timeout')} s; start `python -m pipelines.finetune --set "
+        "flow.torchrun.node_rank=<i>` on every node with the same endpoint and rdzv_id, and check that this port is reachable "
+        "from them (not retried: a retry would wait as long again)", retryable=False)
 
 
 def is_retryable(exc: BaseException | None) -> bool:

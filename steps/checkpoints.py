@@ -7,6 +7,7 @@ must load completely: a missing or mis-shaped tensor is an error, never a silent
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -286,10 +287,11 @@ def save_resume_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
         torch.save(state, f)
 
 
-def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:
-    """The resume state; a damaged one (cut short by a full disk, say) is an InputError saying how to go on."""
+def load_resume_state(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
+    """The resume state (from `data`, the file's bytes, when given: another node read it); a damaged one (cut
+    short by a full disk, say) is an InputError saying how to go on."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise InputError(f"the resume state is damaged ({str(exc).splitlines()[0][:120]}); start over with --resume never "
                          "(or remove it), or continue from the last adapter in checkpoints/step_N/", path) from None

@@ -223,16 +223,40 @@ def lock_work_dir(work_dir: str | os.PathLike) -> int:
     return fd
 
 
-def holds_inherited_lock() -> bool:
-    """True when a launcher (the finetune flow) holds the lock and passed its descriptor to this process."""
+# Set instead by a launcher that started this process through torchrun, which passes no descriptors on: its PID.
+WORK_DIR_LOCK_HOLDER = "NLG_WORK_DIR_LOCK_HOLDER"
+
+
+def holds_inherited_lock(work_dir: str | os.PathLike | None = None) -> bool:
+    """True when a launcher (the finetune flow) holds the lock and passed its descriptor to this process, or (through
+    torchrun) named itself: then it must be an ancestor of this process and the PID the lock file records."""
     fd = os.environ.get(WORK_DIR_LOCK_FD)
-    if not fd or not fd.isdigit():
+    if fd and fd.isdigit():
+        try:
+            os.fstat(int(fd))
+            return True
+        except OSError:
+            pass
+    holder = os.environ.get(WORK_DIR_LOCK_HOLDER, "")
+    if not holder.isdigit() or work_dir is None or int(holder) not in ancestors():
         return False
     try:
-        os.fstat(int(fd))
+        return lock_path(work_dir).read_text().strip() == holder
     except OSError:
         return False
-    return True
+
+
+def ancestors(pid: int | None = None) -> set[int]:
+    """The PIDs of this process's parent, its parent, ... (Linux /proc; empty elsewhere)."""
+    found: set[int] = set()
+    pid = os.getppid() if pid is None else pid
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return found
 
 
 PARENT_PID_ENV = "NLG_PARENT_PID"  # set by a launcher whose death must end this process
@@ -258,5 +282,5 @@ def claim_outputs(work_dir: str | os.PathLike, *other_dirs: str | os.PathLike | 
     for directory in (work_dir, *other_dirs):
         if directory:
             require_writable(directory)
-    if not holds_inherited_lock():
+    if not holds_inherited_lock(work_dir):
         lock_work_dir(work_dir)  # held until this process ends; a second writer on this work dir stops here

@@ -2,6 +2,12 @@
 
 gloo on CPU, NCCL on CUDA, chosen from the device. A single process needs no process group at all, so
 `python -m steps.train` runs without torchrun.
+
+Rank 0 is the one that writes (work dir, reports, MLflow). On several nodes it must sit on the node that keeps
+the outputs, but torchrun's c10d rendezvous orders nodes by host name, not by `--node_rank`. So the trainer
+numbers the ranks itself: a process started with NLG_OUTPUT_NODE=1 (the finetune flow on node_rank 0 sets it)
+makes its node's processes ranks 0..n-1, the others follow in torchrun's order. Without the variable anywhere,
+torchrun's ranks are kept. Collectives still address processes by torchrun's rank (`Dist.main_global_rank`).
 """
 
 from __future__ import annotations
@@ -13,15 +19,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from steps.common import InputError
+
 # A file that one node's processes rendezvous through (set by pipelines/trainer_launch.py for one node, many processes).
 RENDEZVOUS_FILE = "NLG_RENDEZVOUS_FILE"
+BROADCAST_CHUNK = 1 << 26  # bytes per collective when a file is sent to every rank (64 MiB of device memory at a time)
+# "1" on the node whose processes write the outputs (rank 0 and its neighbours); see the module docstring.
+OUTPUT_NODE = "NLG_OUTPUT_NODE"
 
 
 @dataclass
 class Dist:
-    rank: int
+    rank: int  # 0 writes the outputs; on several nodes, 0 is on the output node (see the module docstring)
     world: int
     device: torch.device
+    main_global_rank: int = 0  # torchrun's rank of the process that has rank 0 here: the source of broadcasts
 
     @property
     def main(self) -> bool:
@@ -37,6 +49,38 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def read_on_main(self, path: Path) -> bytes | None:
+        """The bytes of `path` as rank 0 reads them, on every rank; None when rank 0 has no such file.
+
+        Nodes need not share a filesystem: after an elastic restart a node that never wrote the resume state
+        still resumes from the one rank 0 wrote. A file rank 0 cannot read arrives as b"" (every rank then
+        reports it damaged, instead of one rank failing and the others waiting for it).
+        """
+        data = None
+        if self.main and path.is_file():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                data = b""
+        if self.world == 1:
+            return data
+        size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src=self.main_global_rank)
+        length = int(size.item())
+        if length < 0:
+            return None
+        received = bytearray()
+        for start in range(0, length, BROADCAST_CHUNK):  # in pieces: a full fine-tune's state is gigabytes
+            count = min(BROADCAST_CHUNK, length - start)
+            if self.main:
+                piece = torch.frombuffer(bytearray(data[start:start + count]), dtype=torch.uint8).to(self.device)
+            else:
+                piece = torch.empty(count, dtype=torch.uint8, device=self.device)
+            dist.broadcast(piece, src=self.main_global_rank)
+            if not self.main:
+                received += piece.cpu().numpy().tobytes()
+        return data if self.main else bytes(received)
 
 
 def setup_distributed(device_choice: str) -> Dist:
@@ -58,7 +102,39 @@ def setup_distributed(device_choice: str) -> Dist:
             dist.init_process_group(backend, init_method=Path(rendezvous).resolve().as_uri(), rank=rank, world_size=world)
         else:  # torchrun (several nodes): its TCP store, on the endpoint the user configured
             dist.init_process_group(backend)
+            return output_node_first(rank, world, device)
     return Dist(rank, world, device)
+
+
+current: Dist | None = None  # this process's layout once torchrun's group is made (steps.train_status asks it)
+
+
+def output_node_first(global_rank: int, world: int, device: torch.device) -> Dist:
+    """Renumber torchrun's ranks so that the processes started with NLG_OUTPUT_NODE=1 come first (rank 0 writes).
+
+    Every process shares (is it on the output node, its node's group rank); the new order is the output
+    node's processes, then the rest, each in torchrun's order. Two nodes both claiming the outputs is an error:
+    two flows would each expect the adapter in their own work dir.
+    """
+    mine = torch.tensor([int(os.environ.get(OUTPUT_NODE) == "1"), int(os.environ.get("GROUP_RANK", "0"))], device=device)
+    table = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine)
+    flags = [int(row[0]) for row in table]
+    owners = {int(row[1]) for row in table if row[0]}
+    if len(owners) > 1:
+        raise InputError(f"{len(owners)} nodes were started as the output node ({OUTPUT_NODE}=1, i.e. flow.torchrun.node_rank 0); "
+                         "give every node its own node_rank, 0 on exactly one")
+    order = sorted(range(world), key=lambda r: (not flags[r], r))  # torchrun ranks, the output node's first
+    global current
+    current = Dist(order.index(global_rank), world, device, main_global_rank=order[0])
+    return current
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the outputs: rank 0 after renumbering, torchrun's RANK 0 before, or alone."""
+    if current is not None:
+        return current.main
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:

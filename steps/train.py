@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import replace
@@ -319,9 +318,10 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         path = self.work_dir / "resume" / "state.pt"
-        if self.cfg.resume == "never" or not path.is_file():
+        data = None if self.cfg.resume == "never" else self.env.read_on_main(path)  # rank 0's file, on every node
+        if data is None:
             return
-        state = ckpt.load_resume_state(path)
+        state = ckpt.load_resume_state(path, data)
         if state.get("fingerprint") != self.fingerprint:
             recorded = state.get("fingerprint") or {}
             changed = [k for k, v in self.fingerprint.items() if recorded.get(k) != v]
@@ -437,9 +437,9 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> None:
     die_with_parent()
-    if int(os.environ.get("RANK", "0")) == 0:
-        claim_outputs(cfg.work_dir, cfg.plots_dir, cfg.summary_file and Path(cfg.summary_file).parent)
     env = setup_distributed(cfg.device)
+    if env.main:  # after the rendezvous: on several nodes, rank 0 is known only then (steps/distributed.py)
+        claim_outputs(cfg.work_dir, cfg.plots_dir, cfg.summary_file and Path(cfg.summary_file).parent)
     try:
         Trainer(cfg, env).fit()
     finally:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 from steps.common import EXIT_BAD_INPUT, EXIT_DIVERGED, write_json
+from steps.distributed import is_main_process
 
 STATUS_FILE = "status.json"
 STATES = ("running", "completed", "bad_input", "diverged")
@@ -31,6 +31,6 @@ def read_status(work_dir: str | Path) -> dict:
 
 def record_failure(work_dir: str | None, exc: Exception, status: int) -> None:
     """A failure that a rerun would repeat goes to status.json (rank 0), so the finetune flow does not retry it."""
-    if work_dir and Path(work_dir).is_dir() and int(os.environ.get("RANK", "0")) == 0 and status in FINAL_STATES:
+    if work_dir and Path(work_dir).is_dir() and is_main_process() and status in FINAL_STATES:
         with contextlib.suppress(OSError):  # the disk may be what failed: the exit status still tells the flow
             write_status(work_dir, FINAL_STATES[status], status, str(exc))
