@@ -182,8 +182,10 @@ def pretrain(args: argparse.Namespace, output: Path) -> dict[str, Any]:
         "train_texts": len(train_texts), "held_out_texts": len(valid_texts), "updates": args.updates,
         "batch_size": args.batch_size, "pack": args.pack, "lr": args.lr, "warmup": min(args.warmup, args.updates),
         "epochs": round(args.updates * args.batch_size * args.pack / len(train_texts), 3),
-        "held_out_loss_init": init_loss, "held_out_loss": loss, "held_out_ppl": math.exp(min(loss, 50)),
-        "final_train_loss": summary["final_train_loss"],
+        # Rounded: the init's loss is summed in this process with whatever thread split the machine's load gives, and
+        # its last bits must not change the stage's output (dvc.lock) between two runs of the same settings.
+        "held_out_loss_init": round(init_loss, 6), "held_out_loss": round(loss, 6),
+        "held_out_ppl": round(math.exp(min(loss, 50)), 4), "final_train_loss": round(summary["final_train_loss"], 6),
     }  # fmt: skip
 
 
