@@ -24,11 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the finetune stage as a Prefect flow: an MLflow run, torchrun steps.train with retries. "
         "(The register stage logs and registers the adapter after the evaluation.) Every setting comes from the params file.",
     )
-    parser.add_argument("--params", default="params.yaml", help="params file (sections finetune, flow, tracking, decode); "
-                        "it and the relative paths inside it are resolved against --project_dir")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one param for this run, e.g. --set finetune.lora_dim=8 (repeatable; value parsed as YAML)")
-    parser.add_argument("--project_dir", default=".", help="project root: where dvc.yaml runs its commands")
+    settings.add_params_arguments(parser, "finetune, flow, tracking, decode", "finetune.lora_dim=8")
     return parser
 
 

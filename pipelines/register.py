@@ -29,6 +29,7 @@ from typing import Any
 
 from pipelines import settings
 from pipelines.finetune_config import FinetuneConfig, load_config
+from steps.checkpoints import sha256_file
 from steps.common import InputError, run_stage, write_json
 
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "TER", "SER")  # what metrics/eval.json may hold at its top level
@@ -81,19 +82,11 @@ def read_scores(path: Path, metric: str) -> dict[str, float]:
 def sha256_of_test_data(path: Path) -> str:
     """sha256 of the references file, or of a folder's file names and contents (the WebNLG/DART reference folder)."""
     if path.is_file():
-        return _sha256_file(path)
+        return sha256_file(path)
     if not path.is_dir():
         raise InputError("the evaluated references are missing; run the decode stage first (dvc repro decode)", path)
-    listing = "".join(f"{p.relative_to(path).as_posix()}\0{_sha256_file(p)}\n" for p in sorted(path.rglob("*")) if p.is_file())
+    listing = "".join(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n" for p in sorted(path.rglob("*")) if p.is_file())
     return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----- the champion decision
@@ -240,11 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from the params file), make it a new version of register.model with its scores and data hashes as tags, point "
         "@candidate at it, and @champion only when it beats the champion on register.metric over the same test data.",
     )
-    parser.add_argument("--params", default="params.yaml", help="params file (sections register, decode, encode, finetune, tracking); "
-                        "it and the relative paths inside it are resolved against --project_dir")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one param, e.g. --set register.metric=SER (repeatable; value parsed as YAML)")
-    parser.add_argument("--project_dir", default=".", help="project root: where dvc.yaml runs its commands")
+    settings.add_params_arguments(parser, "register, decode, encode, finetune, tracking", "register.metric=SER")
     parser.add_argument("--scores", type=Path, default=Path("metrics/eval.json"), help="the evaluate stage's scores (its --json file)")
     parser.add_argument("--output", type=Path, default=Path("metrics/register.json"),
                         help="where to write the version, the aliases moved and why (a DVC metric)")

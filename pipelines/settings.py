@@ -60,6 +60,15 @@ def load_params(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     return params
 
 
+def add_params_arguments(parser: Any, sections: str, example: str) -> None:
+    """--params, --set and --project_dir: how every pipeline entry point is told its params file and project root."""
+    parser.add_argument("--params", default="params.yaml", help=f"params file (sections {sections}); "
+                        "it and the relative paths inside it are resolved against --project_dir")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one param, e.g. --set {example} (repeatable; value parsed as YAML)")
+    parser.add_argument("--project_dir", default=".", help="project root: where dvc.yaml runs its commands")
+
+
 def set_dotted(params: dict[str, Any], assignment: str, source: str | os.PathLike = "--set") -> None:
     """Apply one `section.key=value` override; the value is parsed as YAML (so 8 is an int, true a bool)."""
     key, sep, raw = assignment.partition("=")
