@@ -28,21 +28,32 @@ from steps.tokenizer import EOS_ID
 
 @contextlib.contextmanager
 def fluent_store(uri: str) -> Iterator[None]:
-    """MLflow's fluent API pointed at `uri` for one block, then put back as it was: its tracking/registry URIs (which
-    it keeps in environment variables) and sys.path (loading the model to check its input example adds the
-    model's code dir). The flow may run inside a longer-lived process (a test, a Prefect worker)."""
+    """MLflow's fluent API pointed at `uri` for one block, then put back as it was: its tracking/registry URIs and
+    sys.path (loading the model to check its input example adds the model's code dir). The flow may run inside a
+    longer-lived process (a test, a Prefect worker).
+
+    MLflow keeps each URI twice: in a module variable (what `mlflow.get_*_uri()` reads first) and in an environment
+    variable (for subprocesses). Both are restored as they were; restoring the variable from the environment alone
+    would leave a URI that the caller had only in its environment (a test's monkeypatch) set for good.
+    """
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
     saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_uris = (tracking_state._tracking_uri, registry_state._registry_uri)
     saved_path = list(sys.path)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])  # None: back to "not set" (MLflow then unsets the variable)
-        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
+        mlflow.set_tracking_uri(saved_uris[0])  # through the setter: it also resets the tracer that caches the URI
+        registry_state._registry_uri = saved_uris[1]
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         sys.path[:] = saved_path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -293,3 +294,22 @@ def test_an_applied_experiments_adapter_is_registered_with_the_run_that_trained_
     finally:
         client.delete_tag(record["run_id"], "adapter_sha256")
         client.delete_tag(own, "adapter_sha256")
+
+
+def test_the_fluent_store_leaves_no_uri_behind_that_the_caller_had_only_in_its_environment(tmp_path, monkeypatch):
+    """The stage points MLflow's fluent API at the project's store for one block. A caller that had the URIs only in
+    its environment (this module's autouse fixture does, as a test or a Prefect worker may) must find MLflow's own
+    variables unset afterwards: otherwise, once the environment is undone, later clients in the process still read
+    this store (in a shuffled suite, the flow tests' registry lookups did)."""
+    import mlflow
+
+    from pipelines.packaging import fluent_store
+
+    before = os.environ["MLFLOW_REGISTRY_URI"]
+    with fluent_store(f"sqlite:///{tmp_path / 'other.db'}"):
+        assert mlflow.get_registry_uri().endswith("other.db")
+    assert os.environ["MLFLOW_REGISTRY_URI"] == before
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")
+    for uri in (mlflow.get_registry_uri(), mlflow.get_tracking_uri()):  # MLflow's default again, neither store above
+        assert uri != before and not uri.endswith("other.db"), uri
