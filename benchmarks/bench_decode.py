@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random base weights")
     p.add_argument("--init_checkpoint", default=None, help="trained weights instead of the random base: a model.safetensors "
-                   "(e.g. models/base/model.safetensors after dvc repro), of the architecture --model_card names (e.g. gpt2.tiny)")
+                   "(e.g. the shipped data/base/standin.safetensors), of the architecture --model_card names (e.g. gpt2.tiny)")
     p.add_argument("--adapter", default=None, help="with --init_checkpoint: a LoRA adapter directory merged into it "
                    "(e.g. models/finetune). A trained model ends its own hypotheses: use --stop_after 0")
     p.add_argument("--tiny", action="store_true", help="smoke-test size: gpt2.tiny, 4 MRs, 3 reference lines, eval_len 12, "

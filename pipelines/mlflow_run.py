@@ -156,6 +156,13 @@ def log_outcome(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> No
     if adapter.is_file():
         client.set_tag(run_id, ADAPTER_SHA_TAG, sha256_file(adapter))
     log_params_once(client, run_id, {"resolved.max_step": summary.get("steps"), "resolved.trainable_params": summary.get("trainable_params")})
+    machine = summary.get("machine") or {}
+    cpu = machine.get("cpu") or {}
+    tags = {"machine.cpu": cpu.get("model"), "machine.isa": " ".join(cpu.get("isa") or []), "machine.gpu": machine.get("gpu"),
+            "machine.torch": machine.get("torch"), "machine.threads": machine.get("threads"), "machine.precision": summary.get("precision")}
+    for key, value in tags.items():
+        if value not in (None, ""):
+            client.set_tag(run_id, key, str(value))
     for name in ("train_log.csv", "valid_log.csv", "summary.json"):
         if (cfg.work_dir / name).is_file():
             client.log_artifact(run_id, str(cfg.work_dir / name), artifact_path="logs")

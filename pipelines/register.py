@@ -29,11 +29,14 @@ from typing import Any
 
 from pipelines import settings
 from pipelines.finetune_config import FinetuneConfig, load_config
+from steps import eval_extra
 from steps.checkpoints import sha256_file
 from steps.common import InputError, run_stage, write_json
 
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "TER", "SER")  # what metrics/eval.json may hold at its top level
 LOWER_IS_BETTER = frozenset({"SER", "TER"})  # error rates; the others are similarities
+# What each score can be: these are shares (a BLEU of 7.5 is no score); NIST, CIDEr and the error rates are >= 0.
+AT_MOST_ONE = frozenset({"BLEU", "METEOR", "ROUGE_L"})
 REGISTER_KEYS = ["model", "candidate_alias", "champion_alias", "metric"]
 TEST_DATA_TAG = "test_data_sha256"
 
@@ -62,8 +65,9 @@ class RegisterSettings:
         return values
 
 
-def read_scores(path: Path, metric: str) -> dict[str, float]:
-    """The scores at the top level of the evaluate stage's JSON (the base model's `base` section is not this adapter's)."""
+def read_scores(path: Path, metric: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """The scores at the top level of the evaluate stage's JSON (the base model's `base` section is not this adapter's),
+    and the whole record (logged to the run)."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -72,11 +76,23 @@ def read_scores(path: Path, metric: str) -> dict[str, float]:
         raise InputError(f"not a JSON scores file ({exc}); expected the evaluate stage's --json output", path) from None
     if not isinstance(record, dict):
         raise InputError("expected a JSON object of scores (BLEU, NIST, ...), as the evaluate stage writes", path)
-    scores = {name: float(record[name]) for name in SCORES if isinstance(record.get(name), int | float) and math.isfinite(record[name])}
+    problems = [score_problem(name, record[name]) for name in SCORES if name in record]
+    problems = [p for p in problems if p]
+    if problems:  # a false champion (a true BLEU, an impossible 7.5, a NaN) must never take @champion
+        raise InputError("; ".join(problems) + "; the evaluate stage writes finite numbers: rerun it (dvc repro evaluate)", path)
+    scores = {name: float(record[name]) for name in SCORES if name in record}
     if metric not in scores:
         raise InputError(f"register.metric is {metric} but the scores hold only {', '.join(scores) or 'nothing'}; "
                          "choose one of those in params.yaml (SER exists for E2E only, METEOR unless evaluate.no_meteor)", path)
-    return scores
+    return scores, record
+
+
+def score_problem(name: str, value: Any) -> str | None:
+    """Why `value` is not a valid score `name` (None when it is one)."""
+    high = 1.0 if name in AT_MOST_ONE else math.inf
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not 0 <= value <= high:
+        return f"{name} = {value!r}: expected a finite number " + ("from 0 to 1" if high == 1 else ">= 0")
+    return None
 
 
 def sha256_of_test_data(path: Path) -> str:
@@ -187,7 +203,8 @@ def version_tags(cfg: FinetuneConfig, run_id: str, scores: dict[str, float], tes
     return tags
 
 
-def register(cfg: FinetuneConfig, chosen: RegisterSettings, scores: dict[str, float], run_id: str) -> dict[str, Any]:
+def register(cfg: FinetuneConfig, chosen: RegisterSettings, scores: dict[str, float], evaluated: dict[str, Any],
+             run_id: str) -> dict[str, Any]:
     """Log, register, move the aliases; return the report that goes to metrics/register.json."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -200,7 +217,10 @@ def register(cfg: FinetuneConfig, chosen: RegisterSettings, scores: dict[str, fl
     run_id = training_run_of_adapter(client, cfg, run_id)
     info = packaging.log_adapter_model(cfg, run_id)
     now_ms = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"eval/{name}", value, now_ms, 0, model_id=info.model_id) for name, value in scores.items()],
+    # The run's scores are logged here, the one stage that reruns for every new adapter (DVC skips evaluate when two
+    # adapters happen to decode alike): the adapter's, the base alone's (base.*) and the slot error counts.
+    values = eval_extra.mlflow_metrics(evaluated, SCORES)
+    client.log_batch(run_id, metrics=[Metric(f"eval/{name}", value, now_ms, 0, model_id=info.model_id) for name, value in values.items()],
                      synchronous=True)
     try:
         client.get_registered_model(chosen.model)
@@ -243,13 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.params, args.project_dir, args.overrides)
     chosen = RegisterSettings.from_params(cfg.params, cfg.params_file)
-    scores = read_scores(cfg.path(str(args.scores)), chosen.metric)
+    scores, evaluated = read_scores(cfg.path(str(args.scores)), chosen.metric)
     record = run_record(cfg)
     cfg = replace(cfg, tracking_uri=record["tracking_uri"])  # where the run is, whatever the environment says now
     settings.check_tracking_store(cfg.tracking_uri)
     settings.apply_env_defaults()  # before mlflow is imported
-    report = register(cfg, chosen, scores, record["run_id"])
-    write_json(cfg.path(str(args.output)), report)
+    report = register(cfg, chosen, scores, evaluated, record["run_id"])
+    # The committed metrics file holds what a fresh clone reproduces: not the run id, which differs on every machine.
+    write_json(cfg.path(str(args.output)), {k: v for k, v in report.items() if k != "run_id"})
     print(f"register: {report['model']} v{report['version']} -> {report['aliases_moved']}; {report['reason']}")
     return report
 

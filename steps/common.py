@@ -81,6 +81,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.fchmod(fd, FILE_MODE)
         os.close(fd)
         yield tmp
+        os.chmod(tmp, FILE_MODE)  # again: a writer that replaces the file (safetensors does) leaves it 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Beam-decode a test set with a LoRA adapter: the original gpt2_beam.py + gpt2_decode.py in one stage.
 
     python -m steps.decode --data data/encoded/test.jsonl --input_file data/formatted/test.jsonl \\
-        --adapter models/finetune --init_checkpoint models/base/model.safetensors \\
+        --adapter models/finetune --init_checkpoint data/base/standin.safetensors \\
         --beam 10 --length_penalty 0.8 --no_repeat_ngram_size 4 --eos_token_id 628 --eval_len 64 --work_dir outputs
 
 Differences from the original, none of which changes a prediction (docs/fidelity.md, "Decoding"):
@@ -350,4 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from steps import runtime
+
+    runtime.keep_large_allocations()  # here, not in main(): tests call main() in their own process
     sys.exit(main())

@@ -6,16 +6,13 @@ phrase banks in the same word-tokenised style (`family - friendly`, `It 's`,
 spaces before `.` and `,`) and mention every slot of their MR. Splits share no
 MR, and the references of one MR are contiguous, as in the real valid/test files.
 
-It also writes a pretraining corpus: restaurant descriptions alone, one per line, without their MRs, from MRs
-that appear in no split. Like web text, which mentions a place more than once, each venue is described by a few
-consecutive lines (different wordings of the same facts). The `base` stage trains the tiny GPT-2 on it as a plain
-language model, the offline stand-in for GPT-2's web-text pretraining, before any adapter sees an MR->text pair.
+The phrase banks also feed the stand-in base's pretraining corpus (steps.standin_corpus), which describes
+restaurants with invented names and never pairs an MR with its text.
 
 Everything comes from one `random.Random(seed)` and never iterates over a set, so
 the same seed gives byte-identical files on any machine.
 
     python -m steps.sample_data --out_dir data/raw/sample --seed 0   # train.txt, valid.txt, test.txt ("MR||ref")
-    python -m steps.sample_data --out_dir data/raw/sample --corpus_file data/raw/pretrain.txt --corpus_texts 4000
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import argparse
 import random
 import sys
 import time
-from collections.abc import Collection
 from pathlib import Path
 
 from steps.common import InputError, atomic_write, run_stage
@@ -218,49 +214,11 @@ def generate_sample(
     return splits
 
 
-def pretraining_corpus(seed: int, texts: int, exclude: Collection[str], per_mr: int = 1) -> list[tuple[str, str]]:
-    """`texts` (rendered MR, description) pairs: `per_mr` consecutive distinct descriptions per distinct MR that is
-    not in `exclude` (the splits' MRs); the last MR may get fewer, to make the count exact.
-
-    Only the descriptions are written (`write_corpus`); the MRs are returned so tests can check the disjointness.
-    Its own random stream (seeded by a string, which Python hashes with SHA-512, not the per-process hash), so
-    the splits are the same bytes whatever the corpus size, and the corpus the same for the same seed.
-    """
-    if texts < 0 or per_mr < 1:
-        raise InputError(f"the pretraining corpus needs 0 or more texts, 1 or more per MR; got {texts}, {per_mr} per MR")
-    rng = random.Random(f"pretraining corpus {seed}")
-    used: set[str] = set()  # membership only: never iterated, so no set order reaches the output
-    corpus: list[tuple[str, str]] = []
-    for _ in range(50 * texts):
-        if len(corpus) == texts:
-            break
-        mr = random_mr(rng)
-        rendered = render_mr(mr)
-        if rendered in exclude or rendered in used:
-            continue
-        used.add(rendered)
-        corpus += [(rendered, text) for text in references_for(mr, min(per_mr, texts - len(corpus)), rng)]
-    if len(corpus) < texts:
-        raise InputError(f"could not draw {texts} MRs outside the splits for the pretraining corpus; ask for fewer")
-    return corpus
-
-
-def split_mrs(splits: dict[str, list[tuple[str, str]]]) -> set[str]:
-    """Every rendered MR of the splits."""
-    return {mr for lines in splits.values() for mr, _ in lines}
-
-
 def write_text_files(splits: dict[str, list[tuple[str, str]]], out_dir: Path) -> None:
     """Write `<split>.txt` with one `MR||reference` per line, the original repo's raw format."""
     for split, lines in splits.items():
         with atomic_write(out_dir / f"{split}.txt") as f:
             f.writelines(f"{mr}||{ref}\n" for mr, ref in lines)
-
-
-def write_corpus(corpus: list[tuple[str, str]], path: Path) -> None:
-    """The descriptions, one per line, nothing else (no MR, no separator)."""
-    with atomic_write(path) as f:
-        f.writelines(f"{text}\n" for _, text in corpus)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,10 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_mrs", type=int, default=600, help="distinct MRs in train (3-7 references each)")
     parser.add_argument("--valid_mrs", type=int, default=60, help="distinct MRs in valid (4-8 references each)")
     parser.add_argument("--test_mrs", type=int, default=60, help="distinct MRs in test (5-10 references each)")
-    parser.add_argument("--corpus_file", default=None, help="also write the pretraining corpus here: descriptions "
-                        "only, one per line, from MRs in no split (the base stage's language-model data)")
-    parser.add_argument("--corpus_texts", type=int, default=4000, help="descriptions in the pretraining corpus")
-    parser.add_argument("--corpus_texts_per_mr", type=int, default=2, help="consecutive descriptions of each venue")
     args = parser.parse_args(argv)
     return run_stage(lambda: run(args))
 
@@ -283,14 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     splits = generate_sample(args.seed, args.train_mrs, args.valid_mrs, args.test_mrs)
-    corpus = None
-    if args.corpus_file:
-        corpus = pretraining_corpus(args.seed, args.corpus_texts, split_mrs(splits), args.corpus_texts_per_mr)
     write_text_files(splits, Path(args.out_dir))
     written = ", ".join(f"{split} {len(lines)} lines" for split, lines in splits.items()) + f" to {args.out_dir}"
-    if corpus is not None:
-        write_corpus(corpus, Path(args.corpus_file))
-        written += f", pretraining corpus {len(corpus)} texts to {args.corpus_file}"
     print(f"sample_data: wrote {written} (seed {args.seed}, {time.perf_counter() - start:.2f} s)")
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from steps import checkpoints as ckpt
-from steps import reports
+from steps import reports, runtime
 from steps.common import InputError, TrainingDiverged, claim_outputs, die_with_parent, run_stage, write_json
 from steps.data import EpochPlan, collate, epoch_updates, load_splits, shard_sequential
 from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
@@ -420,7 +420,11 @@ class Trainer:
     def finish(self, summary: dict[str, Any], seconds: float) -> None:
         """Rank 0: the final adapter, the summary, the plots, and status `completed`."""
         self.save_adapter(self.work_dir)
-        write_json(self.work_dir / "summary.json", summary)
+        # Where it ran, in the work dir's summary (and from there in the MLflow run): last bits differ between CPU kinds.
+        machine = {"precision": self.cfg.precision, "machine": runtime.machine()}
+        write_json(self.work_dir / "summary.json", {**summary, **machine})
+        if self.cfg.machine_file:
+            write_json(self.cfg.machine_file, machine)
         if self.cfg.summary_file:
             write_json(self.cfg.summary_file, summary)
         if self.cfg.plots_dir:
@@ -457,4 +461,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    runtime.keep_large_allocations()  # here, not in main(): tests call main() in their own process
     sys.exit(main())

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", default="auto", choices=["auto", "never"], help="auto: continue from work_dir/resume/state.pt when it exists")
     run.add_argument("--plots_dir", default=None, help="also write train_loss.csv, valid_loss.csv and loss.png here (the pipeline's DVC plots)")
     run.add_argument("--summary_file", default=None, help="also write the run summary JSON here (the pipeline's DVC metric)")
+    run.add_argument("--machine_file", default=None, help="also write where the run computed (CPU model and ISA or GPU, torch, "
+                     "threads, precision) here as JSON: results are reproducible to the bit on the same kind of machine")
     fast = p.add_argument_group("GPU fast path: static shapes and CUDA graphs (docs/training.md#the-gpu-fast-path)")
     fast.add_argument("--cuda_graphs", default="auto", choices=["auto", "on", "off"],
                       help="record each update (forward, backward, AdamW) as CUDA graphs, one per length bucket, and replay "
@@ -158,6 +160,7 @@ class TrainConfig:
     resume: str
     plots_dir: str | None
     summary_file: str | None
+    machine_file: str | None
     # GPU fast path
     cuda_graphs: str
     shapes: str

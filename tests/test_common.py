@@ -17,10 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
 def test_written_files_get_the_permissions_of_the_umask(tmp_path, umask, expected):
     """mkstemp's 0600 used to reach data/formatted, outputs, adapters and metrics, which breaks shared use."""
-    script = ("import os, sys; os.umask(int(sys.argv[2], 8)); from steps.common import write_json; from steps.checkpoints "
-              "import save_resume_state; write_json(sys.argv[1] + '/a.json', {}); save_resume_state(sys.argv[1] + '/s.pt', {})")
+    script = ("import os, sys, torch; os.umask(int(sys.argv[2], 8)); from steps.common import write_json; from steps.checkpoints "
+              "import save_resume_state, save_hf_checkpoint; from steps.model import GPT2, CARDS; "
+              "write_json(sys.argv[1] + '/a.json', {}); save_resume_state(sys.argv[1] + '/s.pt', {}); "
+              "save_hf_checkpoint(GPT2(CARDS['gpt2.tiny']), sys.argv[1] + '/m.safetensors')")  # safetensors replaces the file
     subprocess.run([sys.executable, "-c", script, str(tmp_path), oct(umask)[2:]], cwd=REPO, check=True)
-    for name in ("a.json", "s.pt"):
+    for name in ("a.json", "s.pt", "m.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
 
 

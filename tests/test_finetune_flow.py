@@ -46,7 +46,7 @@ def make_project(root: Path) -> None:
     assert prepare.main(["--dataset", "e2e", "--raw_dir", str(root / "data/raw/sample"), "--out_dir", str(root / "data/formatted")]) == 0
     assert encode.main(["--input_dir", str(root / "data/formatted"), "--output_dir", str(root / "data/encoded"),
                         "--add_bos", "--add_eos"]) == 0
-    assert make_base.main(["--model_card", "gpt2.tiny", "--seed", "0", "--output", str(root / "models/base/model.safetensors")]) == 0
+    assert make_base.main(["--model_card", "gpt2.tiny", "--seed", "0", "--output", str(root / "data/base/standin.safetensors")]) == 0
 
 
 def write_params(root: Path, name: str, work_dir: str, run_file: str) -> Path:
@@ -56,7 +56,7 @@ def write_params(root: Path, name: str, work_dir: str, run_file: str) -> Path:
     params["finetune"]["work_dir"] = work_dir
     params["tracking"]["run_file"] = run_file
     params["tracking"]["tracking_uri"] = "sqlite:///mlflow.db"  # relative on purpose: the flow must make it absolute
-    params["finetune"].update({"plots_dir": name, "summary_file": f"{name}/train_summary.json"})
+    params["finetune"].update({"plots_dir": name, "summary_file": f"{name}/train_summary.json", "machine_file": f"{name}/machine.json"})
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -110,7 +110,7 @@ def registered(first_run, project) -> dict:
     assert first_run["result"], first_run["state"]
     out = project / "outputs"
     assert decode.main(["--data", str(project / "data/encoded/test.jsonl"), "--input_file", str(project / "data/formatted/test.jsonl"),
-                        "--adapter", str(project / "models/first"), "--init_checkpoint", str(project / "models/base/model.safetensors"),
+                        "--adapter", str(project / "models/first"), "--init_checkpoint", str(project / "data/base/standin.safetensors"),
                         "--beam", "2", "--eval_len", "8", "--batch_size", "4", "--output_ref_file", str(out / "refs.txt"),
                         "--work_dir", str(out)]) == 0
     scores = project / "first/eval.json"
@@ -227,7 +227,7 @@ def test_pyfunc_model_loads_by_alias_and_generates(registered, project, tmp_path
     # Independent reference: the same adapter and base decoded directly with the settings stored in the model.
     config = model.metadata.flavors["python_function"]["config"]
     assert config["beam"] == 2 and config["eval_len"] == 8 and config["eos_token_ids"] == [628, 50256]
-    direct = decode.load_for_inference(adapter=str(project / "models/first"), init_checkpoint=str(project / "models/base/model.safetensors"))
+    direct = decode.load_for_inference(adapter=str(project / "models/first"), init_checkpoint=str(project / "data/base/standin.safetensors"))
     search = BeamConfig.from_mapping(config)
     query = {key: config[key] for key in ("seq_len", "batch_size", "add_bos")}
     assert texts[:2] == decode.generate_texts(direct, mrs[:2], search, **query)

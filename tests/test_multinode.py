@@ -46,8 +46,7 @@ def machines(tmp_path_factory) -> tuple[Path, Path]:
     node0 = tmp_path_factory.mktemp("node0")
     make_project(node0)
     node1 = tmp_path_factory.mktemp("node1")
-    shutil.copytree(node0 / "data", node1 / "data")
-    shutil.copytree(node0 / "models", node1 / "models")
+    shutil.copytree(node0 / "data", node1 / "data")  # the encoded data and the base (data/base)
     return node0, node1
 
 
@@ -132,7 +131,7 @@ def two_nodes(machines, prefect_api_url) -> dict:
 def one_process_adapter(root: Path, params: Path, work_dir: Path) -> dict[str, torch.Tensor]:
     """The reference: `python -m steps.train` alone with the same settings and the whole batch (8 = 2 nodes x 4)."""
     section = yaml.safe_load(params.read_text())["finetune"]
-    section.update({"train_batch_size": 8, "work_dir": str(work_dir), "plots_dir": None, "summary_file": None})
+    section.update({"train_batch_size": 8, "work_dir": str(work_dir), "plots_dir": None, "summary_file": None, "machine_file": None})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # torchrun gives its workers 1 thread too
     done = subprocess.run([sys.executable, "-m", "steps.train", *trainer_argv(section)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=NODE_TIMEOUT)
@@ -170,7 +169,7 @@ def test_only_node_0_has_an_mlflow_run_and_outputs(two_nodes, machines):
     # Node 1 writes nothing at all (so it may as well share node 0's directory): no MLflow store, no run file, no DVC
     # metric or plot, no work dir, no lock; its project holds what it was given, nothing more.
     assert not (node1 / "mlflow.db").exists() and not (node1 / "mlruns").exists() and not (node1 / "two").exists()
-    assert sorted(p.name for p in (node1 / "models").iterdir()) == ["base"]
+    assert not (node1 / "models").exists()
     assert "finetune: node 1 done" in two_nodes["logs"][1]
 
 

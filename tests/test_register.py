@@ -63,8 +63,8 @@ def project(tmp_path_factory) -> Path:
     pairs = [("name : The Eagle | Type : coffee shop", "The Eagle is a coffee shop."), ("name : Zizzi | food : Italian", "Zizzi is Italian.")]
     for split in ("train", "valid"):
         (root / f"data/encoded/{split}.jsonl").write_text(encoded_records(pairs))
-    (root / "models/base").mkdir(parents=True)
-    base = write_base(root / "models/base/model.safetensors")
+    (root / "data/base").mkdir(parents=True)
+    base = write_base(root / "data/base/standin.safetensors")
     make_adapter(base, root / "models/finetune")
     (root / "models/finetune/summary.json").write_text(json.dumps({"steps": 12, "best_valid_loss": 9.5}))
     (root / "outputs").mkdir()
@@ -145,10 +145,11 @@ def test_version_carries_scores_base_and_test_data_hashes_and_its_run(project, c
     tags = version.tags
     assert {name: float(tags[name]) for name in SCORES} == SCORES
     # Independent hashes of the files themselves.
-    assert tags["base_sha256"] == hashlib.sha256((project / "models/base/model.safetensors").read_bytes()).hexdigest()
+    assert tags["base_sha256"] == hashlib.sha256((project / "data/base/standin.safetensors").read_bytes()).hexdigest()
     assert tags["test_data_sha256"] == hashlib.sha256(REFS.encode()).hexdigest()
     assert tags["test_data"] == "outputs/refs.txt" and tags["best_valid_loss"] == "9.5"
-    assert tags["run_id"] == version.run_id == report["run_id"] == run_file(project)["run_id"]
+    assert tags["run_id"] == version.run_id == run_file(project)["run_id"]
+    assert "run_id" not in report  # metrics/register.json is committed: nothing in it may differ between clones
     logged = client.get_logged_model(version.source.removeprefix("models:/"))  # the version's source model: scores as its metrics
     assert {m.key: m.value for m in logged.metrics} == {f"eval/{name}": value for name, value in SCORES.items()}
     run = client.get_run(version.run_id)
@@ -240,6 +241,11 @@ def test_dvc_yaml_gives_the_register_stage_the_decoding_params_and_the_scores(tm
     ("register.champion_alias=candidate", SCORES, "are the same alias"),
     ("register.metric=TER", SCORES, "register.metric is TER but the scores hold only BLEU, NIST, METEOR, ROUGE_L, CIDEr, SER"),
     ("register.metric=BLEU", None, "no scores to register; run the evaluate stage first"),
+    # a false champion: a bool is an int to Python, 7.5 is no BLEU, NaN is no score at all
+    ("register.metric=BLEU", {**SCORES, "BLEU": True}, "BLEU = True: expected a finite number from 0 to 1"),
+    ("register.metric=BLEU", {**SCORES, "BLEU": 7.5}, "BLEU = 7.5: expected a finite number from 0 to 1"),
+    ("register.metric=SER", {**SCORES, "SER": float("nan")}, "SER = nan: expected a finite number >= 0"),
+    ("register.metric=BLEU", {**SCORES, "CIDEr": "high"}, "CIDEr = 'high': expected a finite number >= 0"),
 ])
 def test_bad_settings_or_missing_scores_fail_before_anything_is_logged(project, client, capsys, override, scores, message):
     from pipelines import register
@@ -261,7 +267,7 @@ def test_a_run_file_of_another_project_is_refused(project, client, capsys, tmp_p
     from steps.tracking import write_run_file
 
     copy = tmp_path / "copy"
-    for name in ("params.yaml", "data/encoded/train.jsonl", "data/encoded/valid.jsonl", "models/base/model.safetensors"):
+    for name in ("params.yaml", "data/encoded/train.jsonl", "data/encoded/valid.jsonl", "data/base/standin.safetensors"):
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         (copy / name).write_bytes((project / name).read_bytes())
     (copy / "metrics").mkdir()
@@ -287,7 +293,7 @@ def test_an_applied_experiments_adapter_is_registered_with_the_run_that_trained_
     client.set_tag(record["run_id"], "adapter_sha256", "0" * 64)  # the run file's run trained another adapter
     try:
         report, _ = register_with(project, capsys, "applied", SCORES)
-        assert report["run_id"] == own and client.get_model_version("applied", report["version"]).run_id == own
+        assert client.get_model_version("applied", report["version"]).run_id == own
         client.set_tag(own, "adapter_sha256", "1" * 64)  # and now no run trained it
         code = register.main(["--params", str(project / "params.yaml"), "--project_dir", str(project), "--set", "register.model=orphan"])
         assert code == 2 and f"(sha256 {sha[:12]}...) was not trained by run {record['run_id']}" in capsys.readouterr().err

@@ -1,5 +1,4 @@
-"""The synthetic E2E-style sample: deterministic, MR-disjoint splits, references that state their MR, and the
-pretraining corpus: descriptions only, from MRs in no split, deterministic bytes."""
+"""The synthetic E2E-style sample: deterministic, MR-disjoint splits, references that state their MR."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import pytest
 
 from steps import datasets
 from steps.common import InputError
-from steps.sample_data import SLOT_ORDER, generate_sample, main, pretraining_corpus, split_mrs
+from steps.sample_data import SLOT_ORDER, generate_sample, main
 
 
 def parse_mr(rendered: str) -> dict[str, str]:
@@ -35,17 +34,15 @@ def test_sizes_and_timing():
 
 
 def test_same_seed_same_bytes_across_processes(tmp_path):
-    """Byte-identical files, the corpus included, even with different string hashing (no set order leaks out)."""
+    """Byte-identical files, even with different string hashing (no set order leaks out)."""
     outputs = []
     for hash_seed in ("1", "2"):
         out = tmp_path / hash_seed
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        cmd = [sys.executable, "-m", "steps.sample_data", "--out_dir", str(out), "--seed", "7", "--train_mrs", "50",
-               "--corpus_file", str(out / "pretrain.txt"), "--corpus_texts", "300"]  # fmt: skip
+        cmd = [sys.executable, "-m", "steps.sample_data", "--out_dir", str(out), "--seed", "7", "--train_mrs", "50"]
         subprocess.run(cmd, check=True, env=env, capture_output=True)
-        outputs.append([(out / f"{name}.txt").read_bytes() for name in ("train", "valid", "test", "pretrain")])
+        outputs.append([(out / f"{name}.txt").read_bytes() for name in ("train", "valid", "test")])
     assert outputs[0] == outputs[1]
-    assert len(outputs[0][3].decode("utf-8").splitlines()) == 300
 
 
 def test_different_seed_different_data(sample):
@@ -108,65 +105,3 @@ def test_cli_writes_mr_ref_lines(tmp_path, capsys):
     lines = (tmp_path / "train.txt").read_text(encoding="utf-8").splitlines()
     assert all(line.count("||") == 1 for line in lines)
     assert "sample_data: wrote train" in capsys.readouterr().out
-
-
-# ---------------------------------------------------------------- the pretraining corpus
-
-
-@pytest.fixture(scope="module")
-def corpus(sample):
-    return pretraining_corpus(0, 2000, split_mrs(sample))
-
-
-def test_corpus_mrs_are_in_no_split_and_distinct(sample, corpus):
-    mrs = [mr for mr, _ in corpus]
-    assert len(mrs) == 2000 == len(set(mrs))
-    assert not set(mrs) & split_mrs(sample)
-
-
-def test_corpus_texts_are_no_split_reference(sample, corpus):
-    """Disjoint from the fine-tuning data in the text too: no description is a reference of any split."""
-    references = {ref for lines in sample.values() for _, ref in lines}
-    assert not {text for _, text in corpus} & references
-
-
-def test_corpus_texts_are_descriptions_in_the_sample_style(corpus):
-    """Texts only: no MR syntax; each names its venue, in the text files' tokenisation."""
-    for mr, text in corpus:
-        assert "||" not in text and " : " not in text and " | " not in text
-        assert parse_mr(mr)["name"] in text
-        assert datasets.tokenize_e2e(text) == text and text.endswith(" .")
-
-
-def test_corpus_does_not_change_the_splits(tmp_path):
-    """The corpus has its own random stream: the split files are the same bytes with or without it, any size."""
-    plain, with_corpus = tmp_path / "plain", tmp_path / "corpus"
-    assert main(["--out_dir", str(plain), "--seed", "5", "--train_mrs", "40", "--valid_mrs", "5", "--test_mrs", "5"]) == 0
-    assert main(["--out_dir", str(with_corpus), "--seed", "5", "--train_mrs", "40", "--valid_mrs", "5", "--test_mrs", "5",
-                 "--corpus_file", str(with_corpus / "pretrain.txt"), "--corpus_texts", "50"]) == 0  # fmt: skip
-    for split in ("train", "valid", "test"):
-        assert (plain / f"{split}.txt").read_bytes() == (with_corpus / f"{split}.txt").read_bytes()
-
-
-def test_corpus_same_seed_same_texts_and_prefix_stable(sample, corpus):
-    """Deterministic; a bigger corpus starts with the smaller one (only the size moved)."""
-    assert pretraining_corpus(0, 2000, split_mrs(sample)) == corpus
-    assert pretraining_corpus(0, 500, split_mrs(sample)) == corpus[:500]
-    assert pretraining_corpus(1, 500, split_mrs(sample)) != corpus[:500]
-
-
-def test_corpus_describes_each_venue_in_consecutive_lines(sample):
-    """per_mr: a venue's descriptions are neighbours (different wordings, same facts), as web text repeats a place."""
-    corpus = pretraining_corpus(0, 301, split_mrs(sample), per_mr=3)
-    assert len(corpus) == 301
-    groups = [[text for _, text in group] for _, group in groupby(corpus, key=lambda pair: pair[0])]
-    assert [len(g) for g in groups] == [3] * 100 + [1]  # the last venue is cut to make the count exact
-    assert all(len(set(g)) == len(g) for g in groups)
-    assert len({mr for mr, _ in corpus}) == 101 and not {mr for mr, _ in corpus} & split_mrs(sample)
-
-
-def test_corpus_bad_sizes_are_a_clear_error():
-    with pytest.raises(InputError, match="0 or more"):
-        pretraining_corpus(0, -1, set())
-    with pytest.raises(InputError, match="1 or more per MR"):
-        pretraining_corpus(0, 10, set(), per_mr=0)
