@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 from steps import checkpoints as ckpt
 from steps import reports, runtime
+from steps.adapters import start_from_adapter
 from steps.common import InputError, TrainingDiverged, claim_outputs, die_with_parent, run_stage, write_json
 from steps.data import EpochPlan, collate, epoch_updates, load_splits, shard_sequential
 from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
-from steps.export import start_from_adapter
 from steps.lora import LoRAConfig, dropout_seed, mark_only_lora_trainable, parse_targets, use_dropout_generator
 from steps.loss import LossModule, masked_lm_loss
 from steps.model import GPT2, card

@@ -56,3 +56,10 @@ def test_register_stage_depends_on_all_the_code_it_runs_and_logs():
     needed = runs("pipelines/register.py", "pipelines/pyfunc_model.py")  # the model's code is a file it logs, not an import
     assert {"pipelines/packaging.py", "steps/decode.py", "steps/beam.py"} <= needed
     assert needed <= stage_deps("register"), sorted(needed - stage_deps("register"))
+
+
+def test_the_trainer_does_not_run_the_export_command():
+    """Editing the export CLI (its help text, say) must not change the trainer's code hash: that would rerun the
+    finetune stage and refuse every resume state."""
+    assert "steps/export.py" not in {f"steps/{path.name}" for path in trainer_sources()} | runs("pipelines/finetune.py")
+    assert "steps/export.py" not in stage_deps("finetune")

@@ -197,10 +197,10 @@ def test_git_holds_metrics_and_plots_and_nothing_machine_specific(baseline, proj
     """Committed: dvc.lock, metrics, plots. Ignored: DVC-cached outputs, the run file, the MLflow and Prefect stores.
     No tracked output holds this machine's paths, its host name, or a time."""
     assert baseline["git_status"] == ""  # everything a repro writes is either committed or ignored
-    assert set(git(project, "ls-files", "metrics", "plots").split()) == {*METRIC_FILES, *PLOT_FILES}
+    assert set(git(project, "ls-files", "metrics", "plots").split()) == {*METRIC_FILES, *PLOT_FILES, MACHINE_FILE}
     for ignored in (RUN_FILE, "mlflow.db", "models/finetune/adapter.safetensors", "outputs/preds.txt", "data/encoded/train.jsonl"):
         assert git(project, "check-ignore", ignored).strip() == ignored
-    tracked = [project / name for name in ("dvc.lock", *METRIC_FILES, "plots/train_loss.csv", "plots/valid_loss.csv")]
+    tracked = [project / name for name in ("dvc.lock", *METRIC_FILES, MACHINE_FILE, "plots/train_loss.csv", "plots/valid_loss.csv")]
     tracked += [path for folder in ("data/encoded", "models/finetune", "outputs") for path in (project / folder).rglob("*")
                 if path.suffix in (".json", ".jsonl", ".csv", ".txt")]
     host = socket.gethostname()
@@ -444,6 +444,13 @@ def test_default_params_drive_every_stage_command():
             assert isinstance(node, dict) and part in node, f"dvc.yaml uses ${{{ref}}} but params.yaml lacks it"
             node = node[part]
     parse_config(trainer_argv(params["finetune"]))  # raises SystemExit on an unknown flag
+
+
+def test_committed_lock_file_records_exactly_the_stages_of_dvc_yaml():
+    """dvc repro never drops a removed stage's entry from dvc.lock: a stale one would be committed forever."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    assert sorted(lock) == sorted(stages) == sorted(STAGES)
 
 
 @pytest.mark.parametrize("dataset, ref_file, no_meteor", [("e2e", "outputs/refs.txt", False), ("webnlg", "outputs/refs", True)])
