@@ -15,7 +15,7 @@ from typing import Any
 
 from pipelines import settings
 from steps.common import InputError
-from steps.train_config import build_parser, option_problems
+from steps.train_config import OPTIONS, option_problems
 
 FLOW_KEYS = ["torchrun", "retries", "retry_delay_seconds"]
 TORCHRUN_KEYS = ["nproc_per_node", "nnodes", "node_rank", "max_restarts", "join_timeout"]
@@ -72,14 +72,10 @@ def load_config(params_file: str | os.PathLike, project_dir: str | os.PathLike =
 
 
 def check_trainer_section(trainer: dict[str, Any], source: Path) -> None:
-    """Unknown keys (a typo such as `lora_dmi`), bad choices and out-of-range values, all named at once."""
-    options = {action.dest: action for action in build_parser()._actions if action.option_strings}
-    problems = [f"finetune.{key} is not a trainer option (did you mean one of: {', '.join(close_matches(key, options))}?)"
-                for key in trainer if key not in options]
-    for key, value in trainer.items():
-        action = options.get(key)
-        if action is not None and action.choices and value is not None and value not in action.choices:
-            problems.append(f"finetune.{key} = {value!r}: expected one of {', '.join(map(str, action.choices))}")
+    """Unknown keys (a typo such as `lora_dmi`), values of the wrong type, bad choices and out-of-range values, all
+    named at once (the checks of steps.train_config, derived from the options' one declaration)."""
+    problems = [f"finetune.{key} is not a trainer option (did you mean one of: {', '.join(close_matches(key, OPTIONS))}?)"
+                for key in trainer if key not in OPTIONS]
     problems += option_problems(trainer, name=lambda key: f"finetune.{key}")
     if problems:
         raise InputError("; ".join(problems), source)

@@ -1,10 +1,11 @@
-"""The trainer's configuration: its command line (the original gpt2_ft.py names and defaults), the typed
-`TrainConfig` built from it, the valid range of every numeric option, and the fingerprint that decides
-whether a run may resume.
+"""The trainer's configuration: `TrainConfig`, where every option is declared once (the original gpt2_ft.py's
+name and default, its type, help, choices, range, and whether it enters the resume fingerprint), and what is
+derived from it: the command line, the check of values from the command line or from params.yaml, and the
+fingerprint that decides whether a run may resume.
 
-The range table is the one place those limits live: `python -m steps.train` checks it before any compute,
-and the finetune flow checks params.yaml's `finetune` section against it before it starts anything, so
-the two can never disagree.
+`python -m steps.train` checks its options before any compute, and the finetune flow checks params.yaml's
+`finetune` section with the same function before it starts anything, so the two can never disagree.
+Adding an option is one `option(...)` field here plus its use.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,148 +25,10 @@ from steps.common import DEFAULT_SEQ_LEN, InputError
 from steps.model import CARDS
 from steps.optim import NO_SCHEDULE, cycle_max_step
 
-SCHEDULERS = ["linear", "cosine", "cosine_reference", "constant", "cycle", "inv_sqrt", "dev_perf", "none"]
+SCHEDULERS = ("linear", "cosine", "cosine_reference", "constant", "cycle", "inv_sqrt", "dev_perf", "none")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 STEPS_DIR = Path(__file__).resolve().parent
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m steps.train",
-        description="Fine-tune GPT-2 with LoRA on encoded NLG data. Same arguments as the original gpt2_ft.py; "
-        "launch with torchrun for several processes (gloo on CPU, NCCL on GPU, chosen automatically).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    data = p.add_argument_group("data")
-    data.add_argument("--train_data", required=True, help="encoded training JSONL ({'context': [ids], 'completion': [ids]})")
-    data.add_argument("--valid_data", required=True, help="encoded validation JSONL")
-    data.add_argument("--train_batch_size", type=int, default=8, help="examples per micro-batch per process")
-    data.add_argument("--valid_batch_size", type=int, default=4, help="validation examples per batch per process")
-    data.add_argument("--grad_acc", type=int, default=1, help="micro-batches per optimizer update")
-    data.add_argument("--seq_len", type=int, default=DEFAULT_SEQ_LEN, help="maximum tokens per example (longer ones are truncated)")
-    data.add_argument("--obj", default="clm", choices=["clm", "jlm"], help="clm: loss on completion tokens only; jlm: on every next token")
-    data.add_argument("--pad", default="batch", choices=["batch", "fixed"], help="pad each batch to its longest example, or to --seq_len as the original did")
-    data.add_argument("--bucket_window", type=int, default=0,
-                      help="sort each window of this many shuffled examples by length before batching (less padding); 0 keeps plain shuffling")
-    data.add_argument("--truncation", default="fix", choices=["fix", "reference"],
-                      help="fix: cut the context from the left so every completion token is trained; reference: keep the first seq_len tokens, as the original did")
-    model = p.add_argument_group("model")
-    model.add_argument("--model_card", default="gpt2.md", help=f"architecture: {', '.join(CARDS)}")
-    model.add_argument("--init_checkpoint", default=None, help="pretrained GPT-2 weights: Hugging Face model.safetensors or pytorch_model.bin")
-    model.add_argument("--init_adapter", default=None, help="start LoRA from this adapter (this project's directory, the original "
-                       "trainer's model.<step>.pt, or a PEFT directory) instead of a fresh init; the optimizer starts fresh")
-    model.add_argument("--lora_dim", type=int, default=0, help="LoRA rank r; 0 trains the full model, as in the original")
-    model.add_argument("--lora_alpha", type=float, default=128, help="LoRA alpha; the update is scaled by alpha / r")
-    model.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
-    model.add_argument("--lora_targets", default="q,v", help="which of the fused q,k,v projections get LoRA")
-    opt = p.add_argument_group("optimizer and schedule (counted in optimizer updates)")
-    opt.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    opt.add_argument("--weight_decay", type=float, default=0.01, help="decoupled weight decay, applied after the Adam step")
-    opt.add_argument("--correct_bias", action="store_true", help="Adam bias correction (off by default, as in the original; its README turns it on)")
-    opt.add_argument("--adam_epislon", type=float, default=1e-6, help="Adam epsilon (the original's spelling)")
-    opt.add_argument("--adam_beta1", type=float, default=0.9, help="Adam decay of the gradient mean")
-    opt.add_argument("--adam_beta2", type=float, default=0.98, help="Adam decay of the squared-gradient mean (the "
-                     "original's default 0.98; its README and the paper's recipe use 0.999)")
-    opt.add_argument("--no_decay_bias", action="store_true", help="no weight decay on biases and LayerNorm weights")
-    opt.add_argument("--scheduler", default="linear", choices=SCHEDULERS,
-                     help="learning-rate schedule; inv_sqrt and dev_perf mean a constant rate, as in the original")
-    opt.add_argument("--warmup_step", type=int, default=0, help="updates of linear warmup")
-    opt.add_argument("--max_step", type=int, default=None, help="total updates (default: from --max_epoch)")
-    opt.add_argument("--max_epoch", type=int, default=None, help="epochs, used when --max_step is not given")
-    opt.add_argument("--i_steps", default="0", help="cycle schedule: comma-separated update counts")
-    opt.add_argument("--i_lrs", default="0.00025", help="cycle schedule: comma-separated learning rates at those updates (absolute; --lr is ignored)")
-    opt.add_argument("--clip", type=float, default=0.0, help="global gradient-norm clipping; 0 turns it off")
-    opt.add_argument("--label_smooth", type=float, default=0.0, help="uniform label smoothing over the vocabulary")
-    run = p.add_argument_group("run")
-    run.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
-                     help="autocast precision; LoRA weights and optimizer state stay fp32. auto: bf16 where the hardware "
-                     "computes it natively (recent GPUs, CPUs with AVX512-BF16/AMX), else fp32")
-    run.add_argument("--fp16", action="store_true", help="same as --precision fp16 (the original's flag)")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
-    run.add_argument("--random_seed", type=int, default=10, help="seeds LoRA init, data order and dropout; with the same "
-                     "seed a resumed run repeats an uninterrupted one exactly")
-    run.add_argument("--log_interval", type=int, default=100, help="updates between log lines and MLflow metrics")
-    run.add_argument("--eval_interval", type=int, default=2000, help="updates between validations")
-    run.add_argument("--save_interval", type=int, default=500, help="updates between checkpoints (adapter + resume state)")
-    run.add_argument("--work_dir", default=os.environ.get("PT_OUTPUT_DIR", "gpt2_model"), help="output directory")
-    run.add_argument("--resume", default="auto", choices=["auto", "never"], help="auto: continue from work_dir/resume/state.pt when it exists")
-    run.add_argument("--plots_dir", default=None, help="also write train_loss.csv, valid_loss.csv and loss.png here (the pipeline's DVC plots)")
-    run.add_argument("--summary_file", default=None, help="also write the run summary JSON here (the pipeline's DVC metric)")
-    run.add_argument("--machine_file", default=None, help="also write where the run computed (CPU model and ISA or GPU, torch, "
-                     "threads, precision) here as JSON: results are reproducible to the bit on the same kind of machine")
-    fast = p.add_argument_group("GPU fast path: static shapes and CUDA graphs (docs/training.md#the-gpu-fast-path)")
-    fast.add_argument("--cuda_graphs", default="auto", choices=["auto", "on", "off"],
-                      help="record each update (forward, backward, AdamW) as CUDA graphs, one per length bucket, and replay "
-                      "them. auto: on for a CUDA device when the settings allow it (static shapes, LoRA, not fp16), else off; "
-                      "on: the same, and an error where they do not allow it; off: the eager update")
-    fast.add_argument("--shapes", default="auto", choices=["auto", "static", "dynamic"],
-                      help="static: pad each micro-batch's length up to a multiple of --length_multiple and its loss positions "
-                      "up to a multiple of --loss_multiple (padding weighs 0), the fixed shapes a graph replays; dynamic: each "
-                      "batch in its own shape, the reference path; auto: static exactly when CUDA graphs are on")
-    fast.add_argument("--length_multiple", type=int, default=16, help="static shapes: lengths are rounded up to a multiple of this")
-    fast.add_argument("--loss_multiple", type=int, default=64,
-                      help="static shapes: the loss positions of a micro-batch are padded to a multiple of this")
-    # Accepted for command-line compatibility with the original; they do nothing here.
-    for dead in ("--platform", "--local_rank", "--local-rank", "--rank", "--world_size", "--roll_interval", "--roll_lr", "--roll_step", "--eval_epoch"):
-        run.add_argument(dead, default=None, help=argparse.SUPPRESS)
-    return p
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every trainer option, typed; the defaults live in build_parser only (one home)."""
-
-    # data
-    train_data: str
-    valid_data: str
-    train_batch_size: int
-    valid_batch_size: int
-    grad_acc: int
-    seq_len: int
-    obj: str
-    pad: str
-    bucket_window: int
-    truncation: str
-    # model
-    model_card: str
-    init_checkpoint: str | None
-    init_adapter: str | None
-    lora_dim: int
-    lora_alpha: float
-    lora_dropout: float
-    lora_targets: str
-    # optimizer and schedule
-    lr: float
-    weight_decay: float
-    correct_bias: bool
-    adam_epislon: float
-    adam_beta1: float
-    adam_beta2: float
-    no_decay_bias: bool
-    scheduler: str
-    warmup_step: int
-    max_step: int | None
-    max_epoch: int | None
-    i_steps: str
-    i_lrs: str
-    clip: float
-    label_smooth: float
-    # run
-    precision: str
-    device: str
-    random_seed: int
-    log_interval: int
-    eval_interval: int
-    save_interval: int
-    work_dir: str
-    resume: str
-    plots_dir: str | None
-    summary_file: str | None
-    machine_file: str | None
-    # GPU fast path
-    cuda_graphs: str
-    shapes: str
-    length_multiple: int
-    loss_multiple: int
+REQUIRED = object()  # the default of an option that has none: the command line must give it
 
 
 @dataclass(frozen=True)
@@ -195,45 +58,199 @@ class Limit:
 
 AT_LEAST_ONE = Limit(low=1)
 NON_NEGATIVE = Limit(low=0)
+POSITIVE = Limit(low=0, low_open=True)
 PROBABILITY = Limit(low=0, high=1, high_open=True)
-# Every numeric option and what it admits. A value outside would crash later (a division by zero at the
-# first log line) or, worse, train on nothing and report a perfect loss.
-LIMITS: dict[str, Limit] = {
-    "train_batch_size": AT_LEAST_ONE, "valid_batch_size": AT_LEAST_ONE, "grad_acc": AT_LEAST_ONE,
-    "seq_len": Limit(low=2),  # one context and one completion token at least: below that no position has a loss
-    "bucket_window": NON_NEGATIVE, "lora_dim": NON_NEGATIVE, "lora_alpha": Limit(low=0, low_open=True),
-    "lora_dropout": PROBABILITY, "lr": Limit(low=0, low_open=True), "weight_decay": NON_NEGATIVE,
-    "adam_epislon": Limit(low=0, low_open=True), "adam_beta1": PROBABILITY, "adam_beta2": PROBABILITY,
-    "warmup_step": NON_NEGATIVE, "max_step": AT_LEAST_ONE, "max_epoch": AT_LEAST_ONE, "clip": NON_NEGATIVE,
-    "label_smooth": PROBABILITY, "log_interval": AT_LEAST_ONE, "eval_interval": AT_LEAST_ONE,
-    "save_interval": AT_LEAST_ONE, "random_seed": Limit(), "length_multiple": AT_LEAST_ONE, "loss_multiple": AT_LEAST_ONE,
-}
+
+
+@dataclass(frozen=True)
+class Option:
+    """What the one declaration of a trainer option says besides its name, type and default (the TrainConfig field).
+
+    `limit`: the range a number must be in (a value outside would crash later, a division by zero at the first
+    log line, or worse, train on nothing and report a perfect loss). `fingerprint`: the option changes what is
+    computed, so a resume state written under another value is refused (intervals and output paths do not).
+    """
+
+    help: str
+    group: str
+    choices: tuple[str, ...] | None = None
+    limit: Limit | None = None
+    fingerprint: bool = False
+
+
+def option(default: Any, help: str, group: str, *, choices: Sequence[str] | None = None, limit: Limit | None = None,
+           fingerprint: bool = False, default_factory: Any = None) -> Any:
+    """A TrainConfig field that is a trainer option: everything about it in one place."""
+    meta = {"option": Option(help, group, tuple(choices) if choices else None, limit, fingerprint), "required": default is REQUIRED}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=None if default is REQUIRED else default, metadata=meta)
+
+
+DATA, MODEL, OPTIMIZER, RUN = "data", "model", "optimizer and schedule (counted in optimizer updates)", "run"
+FAST = "GPU fast path: static shapes and CUDA graphs (docs/training.md#the-gpu-fast-path)"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every trainer option, declared once: name (the original gpt2_ft.py's), type, default, help, choices, range,
+    and whether it enters the resume fingerprint. The command line, the range check, the params.yaml check and
+    the fingerprint are all derived from these fields."""
+
+    train_data: str = option(REQUIRED, "encoded training JSONL ({'context': [ids], 'completion': [ids]})", DATA)
+    valid_data: str = option(REQUIRED, "encoded validation JSONL", DATA)
+    train_batch_size: int = option(8, "examples per micro-batch per process", DATA, limit=AT_LEAST_ONE, fingerprint=True)
+    valid_batch_size: int = option(4, "validation examples per batch per process", DATA, limit=AT_LEAST_ONE)
+    grad_acc: int = option(1, "micro-batches per optimizer update", DATA, limit=AT_LEAST_ONE, fingerprint=True)
+    seq_len: int = option(DEFAULT_SEQ_LEN, "maximum tokens per example (longer ones are truncated)", DATA,
+                          limit=Limit(low=2), fingerprint=True)  # one context and one completion token at least
+    obj: str = option("clm", "clm: loss on completion tokens only; jlm: on every next token", DATA, choices=("clm", "jlm"),
+                      fingerprint=True)
+    pad: str = option("batch", "pad each batch to its longest example, or to --seq_len as the original did", DATA,
+                      choices=("batch", "fixed"))
+    bucket_window: int = option(0, "sort each window of this many shuffled examples by length before batching (less "
+                                "padding); 0 keeps plain shuffling", DATA, limit=NON_NEGATIVE, fingerprint=True)
+    truncation: str = option("fix", "fix: cut the context from the left so every completion token is trained; reference: "
+                             "keep the first seq_len tokens, as the original did", DATA, choices=("fix", "reference"), fingerprint=True)
+    model_card: str = option("gpt2.md", "architecture", MODEL, choices=tuple(CARDS), fingerprint=True)
+    init_checkpoint: str | None = option(None, "pretrained GPT-2 weights: Hugging Face model.safetensors or pytorch_model.bin", MODEL)
+    init_adapter: str | None = option(None, "start LoRA from this adapter (this project's directory, the original trainer's "
+                                      "model.<step>.pt, or a PEFT directory) instead of a fresh init; the optimizer starts fresh", MODEL)
+    lora_dim: int = option(0, "LoRA rank r; 0 trains the full model, as in the original", MODEL, limit=NON_NEGATIVE, fingerprint=True)
+    lora_alpha: float = option(128, "LoRA alpha; the update is scaled by alpha / r", MODEL, limit=POSITIVE, fingerprint=True)
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch input", MODEL, limit=PROBABILITY, fingerprint=True)
+    lora_targets: str = option("q,v", "which of the fused q,k,v projections get LoRA", MODEL, fingerprint=True)
+    lr: float = option(1e-5, "peak learning rate", OPTIMIZER, limit=POSITIVE, fingerprint=True)
+    weight_decay: float = option(0.01, "decoupled weight decay, applied after the Adam step", OPTIMIZER, limit=NON_NEGATIVE,
+                                 fingerprint=True)
+    correct_bias: bool = option(False, "Adam bias correction (off by default, as in the original; its README turns it on)",
+                                OPTIMIZER, fingerprint=True)
+    adam_epislon: float = option(1e-6, "Adam epsilon (the original's spelling)", OPTIMIZER, limit=POSITIVE, fingerprint=True)
+    adam_beta1: float = option(0.9, "Adam decay of the gradient mean", OPTIMIZER, limit=PROBABILITY, fingerprint=True)
+    adam_beta2: float = option(0.98, "Adam decay of the squared-gradient mean (the original's default 0.98; its README and "
+                               "the paper's recipe use 0.999)", OPTIMIZER, limit=PROBABILITY, fingerprint=True)
+    no_decay_bias: bool = option(False, "no weight decay on biases and LayerNorm weights", OPTIMIZER, fingerprint=True)
+    scheduler: str = option("linear", "learning-rate schedule; inv_sqrt and dev_perf mean a constant rate, as in the original",
+                            OPTIMIZER, choices=SCHEDULERS, fingerprint=True)
+    warmup_step: int = option(0, "updates of linear warmup", OPTIMIZER, limit=NON_NEGATIVE, fingerprint=True)
+    max_step: int | None = option(None, "total updates (default: from --max_epoch)", OPTIMIZER, limit=AT_LEAST_ONE, fingerprint=True)
+    max_epoch: int | None = option(None, "epochs, used when --max_step is not given", OPTIMIZER, limit=AT_LEAST_ONE, fingerprint=True)
+    i_steps: str = option("0", "cycle schedule: comma-separated update counts", OPTIMIZER, fingerprint=True)
+    i_lrs: str = option("0.00025", "cycle schedule: comma-separated learning rates at those updates (absolute; --lr is "
+                        "ignored)", OPTIMIZER, fingerprint=True)
+    clip: float = option(0.0, "global gradient-norm clipping; 0 turns it off", OPTIMIZER, limit=NON_NEGATIVE, fingerprint=True)
+    label_smooth: float = option(0.0, "uniform label smoothing over the vocabulary", OPTIMIZER, limit=PROBABILITY, fingerprint=True)
+    precision: str = option("fp32", "autocast precision; LoRA weights and optimizer state stay fp32. auto: bf16 where the "
+                            "hardware computes it natively (recent GPUs, CPUs with AVX512-BF16/AMX), else fp32", RUN,
+                            choices=PRECISIONS, fingerprint=True)
+    device: str = option("auto", "auto: CUDA when available", RUN, choices=("auto", "cpu", "cuda"))
+    random_seed: int = option(10, "seeds LoRA init, data order and dropout; with the same seed a resumed run repeats an "
+                              "uninterrupted one exactly", RUN, limit=Limit(), fingerprint=True)
+    log_interval: int = option(100, "updates between log lines and MLflow metrics", RUN, limit=AT_LEAST_ONE)
+    eval_interval: int = option(2000, "updates between validations", RUN, limit=AT_LEAST_ONE)
+    save_interval: int = option(500, "updates between checkpoints (adapter + resume state)", RUN, limit=AT_LEAST_ONE)
+    work_dir: str = option(None, "output directory", RUN, default_factory=lambda: os.environ.get("PT_OUTPUT_DIR", "gpt2_model"))
+    resume: str = option("auto", "auto: continue from work_dir/resume/state.pt when it exists", RUN, choices=("auto", "never"))
+    plots_dir: str | None = option(None, "also write train_loss.csv, valid_loss.csv and loss.png here (the pipeline's DVC plots)", RUN)
+    summary_file: str | None = option(None, "also write the run summary JSON here (the pipeline's DVC metric)", RUN)
+    machine_file: str | None = option(None, "also write where the run computed (CPU model and ISA or GPU, torch, threads, "
+                                      "precision) here as JSON: results are reproducible to the bit on the same kind of machine", RUN)
+    cuda_graphs: str = option("auto", "record each update (forward, backward, AdamW) as CUDA graphs, one per length bucket, "
+                              "and replay them. auto: on for a CUDA device when the settings allow it (static shapes, LoRA, not "
+                              "fp16), else off; on: the same, and an error where they do not allow it; off: the eager update",
+                              FAST, choices=("auto", "on", "off"), fingerprint=True)
+    shapes: str = option("auto", "static: pad each micro-batch's length up to a multiple of --length_multiple and its loss "
+                         "positions up to a multiple of --loss_multiple (padding weighs 0), the fixed shapes a graph replays; "
+                         "dynamic: each batch in its own shape, the reference path; auto: static exactly when CUDA graphs are on",
+                         FAST, choices=("auto", "static", "dynamic"), fingerprint=True)
+    length_multiple: int = option(16, "static shapes: lengths are rounded up to a multiple of this", FAST, limit=AT_LEAST_ONE,
+                                  fingerprint=True)
+    loss_multiple: int = option(64, "static shapes: the loss positions of a micro-batch are padded to a multiple of this", FAST,
+                                limit=AT_LEAST_ONE, fingerprint=True)
+
+
+def spec(name: str) -> Option:
+    return OPTIONS[name].metadata["option"]
+
+
+def kind(name: str) -> type:
+    """The option's value type: int, float, str or bool (a flag); None is allowed where the field's type says so."""
+    return KINDS[str(OPTIONS[name].type)]
+
+
+def default(name: str) -> Any:
+    f = OPTIONS[name]
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+OPTIONS: dict[str, Field] = {f.name: f for f in fields(TrainConfig)}
+KINDS = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str, "str | None": str, "bool": bool}
+LIMITS: dict[str, Limit] = {name: spec(name).limit for name in OPTIONS if spec(name).limit is not None}
+FINGERPRINT_OPTIONS = [name for name in OPTIONS if spec(name).fingerprint]
+# Accepted for command-line compatibility with the original; they do nothing here.
+DEAD_OPTIONS = ("platform", "local_rank", "local-rank", "rank", "world_size", "roll_interval", "roll_lr", "roll_step", "eval_epoch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m steps.train`'s command line, derived from TrainConfig's declarations."""
+    p = argparse.ArgumentParser(
+        prog="python -m steps.train",
+        description="Fine-tune GPT-2 with LoRA on encoded NLG data. Same arguments as the original gpt2_ft.py; "
+        "launch with torchrun for several processes (gloo on CPU, NCCL on GPU, chosen automatically).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name in OPTIONS:
+        option_spec, option_kind = spec(name), kind(name)
+        group = groups.get(option_spec.group) or groups.setdefault(option_spec.group, p.add_argument_group(option_spec.group))
+        help_text = option_spec.help + (f" (one of: {', '.join(option_spec.choices)})" if option_spec.choices else "")
+        if option_spec.limit is not None and (option_spec.limit.low is not None or option_spec.limit.high is not None):
+            help_text += f" ({option_spec.limit.describe().removeprefix('a finite number ')})"
+        if option_kind is bool:
+            group.add_argument(f"--{name}", action="store_true", help=help_text)
+        else:
+            group.add_argument(f"--{name}", type=option_kind, default=default(name), help=help_text,
+                               required=OPTIONS[name].metadata["required"])
+    groups[RUN].add_argument("--fp16", action="store_true", help="same as --precision fp16 (the original's flag)")
+    for dead in DEAD_OPTIONS:
+        groups[RUN].add_argument(f"--{dead}", default=None, help=argparse.SUPPRESS)
+    return p
 
 
 def option_problems(values: Mapping[str, Any], name: Any = lambda key: f"--{key}") -> list[str]:
-    """What is wrong with `values` (option -> value), one message per bad option, named by `name(option)`.
+    """What is wrong with `values` (option -> value: its type, choice or range), one message per bad option, named
+    by `name(option)`. Keys that are not options are not looked at.
 
-    The finetune flow passes its params.yaml values with `name=lambda k: f"finetune.{k}"`.
+    The trainer's command line and the finetune flow's params.yaml check (`name=lambda k: f"finetune.{k}"`) both
+    call it, so the two can never disagree.
     """
     problems = []
-    for key, limit in LIMITS.items():
-        value = values.get(key)
-        if value is None:
+    for key, value in values.items():
+        if key not in OPTIONS or value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not limit.admits(float(value)):
-            problems.append(f"{name(key)} = {value!r}: expected {limit.describe()}")
-    card_name = values.get("model_card")
-    if card_name is not None and card_name not in CARDS:
-        problems.append(f"{name('model_card')} = {card_name!r}: unknown model card; expected one of {', '.join(CARDS)}")
+        option_spec, option_kind = spec(key), kind(key)
+        if option_kind is bool:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif option_kind is str:  # params.yaml may give a scalar or a list (`i_steps: [0, 500]`): the CLI joins them
+            ok, expected = isinstance(value, str | int | float | list) and not isinstance(value, bool), "a string"
+        else:
+            ok = isinstance(value, int if option_kind is int else int | float) and not isinstance(value, bool)
+            expected = "a whole number" if option_kind is int else "a number"
+        if not ok:
+            problems.append(f"{name(key)} = {value!r}: expected {expected}")
+        elif option_spec.choices and value not in option_spec.choices:
+            problems.append(f"{name(key)} = {value!r}: expected one of {', '.join(option_spec.choices)}")
+        elif option_spec.limit is not None and not option_spec.limit.admits(float(value)):
+            problems.append(f"{name(key)} = {value!r}: expected {option_spec.limit.describe()}")
     return problems
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """The command line as a TrainConfig; a value outside its range is an InputError naming the option."""
+    """The command line as a TrainConfig; a bad choice or a value outside its range is an InputError naming the option."""
     args = build_parser().parse_args(argv)
     if args.fp16:
         args.precision = "fp16"
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    values = {name: getattr(args, name) for name in OPTIONS}
     problems = option_problems(values)
     if problems:
         raise InputError("; ".join(problems))
@@ -241,16 +258,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- resume fingerprint
-
-# Options that change what is computed: a resume state written under other values is refused. Intervals
-# and output paths are not among them (changing how often to log does not change the training).
-FINGERPRINT_OPTIONS = [
-    "train_batch_size", "grad_acc", "clip", "seq_len", "model_card", "lora_dim", "lora_alpha", "lora_dropout",
-    "lora_targets", "label_smooth", "lr", "weight_decay", "scheduler", "warmup_step", "max_epoch", "max_step", "obj",
-    "random_seed", "correct_bias", "adam_beta1", "adam_beta2", "adam_epislon", "no_decay_bias", "i_steps", "i_lrs",
-    "precision", "truncation", "bucket_window", "cuda_graphs", "shapes", "length_multiple", "loss_multiple",
-]
-
 
 def sha256_of(path: str | os.PathLike | None, chunk: int = 1 << 22) -> str | None:
     if not path:

@@ -184,7 +184,7 @@ def test_lock_file_records_every_stage(baseline):
     assert sorted(lock) == sorted(STAGES)
     finetune_outs = {out["path"]: out for out in lock["finetune"]["outs"]}
     assert finetune_outs["models/finetune"]["md5"].endswith(".dir")
-    assert set(finetune_outs) == {"models/finetune", "metrics/train_summary.json", *PLOT_FILES}  # not the run file
+    assert set(finetune_outs) == {"models/finetune", "metrics/train_summary.json", MACHINE_FILE, *PLOT_FILES}  # not the run file
     assert RUN_FILE not in {dep["path"] for dep in lock["evaluate"]["deps"]}
     assert lock["finetune"]["params"]["params.yaml"]["finetune"]["lora_dim"] == 4
     assert lock["decode"]["params"]["params.yaml"]["decode"]["beam"] == 2

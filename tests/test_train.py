@@ -156,7 +156,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"model_card": "gpt2.xl"}, "unknown model card"),
+        ({"model_card": "gpt2.xl"}, "--model_card = 'gpt2.xl': expected one of gpt2.sm"),
         ({"lora_dim": 4096}, "exceeds the model width"),
         ({"model_card": "gpt2.sm"}, "does not match model card"),
         ({"train_data": "/nonexistent/train.jsonl"}, "file not found"),
