@@ -16,6 +16,7 @@ from typing import Any
 from pipelines import settings
 from steps.common import InputError
 from steps.train_config import OPTIONS, option_problems
+from steps.work_dir import WorkDir
 
 FLOW_KEYS = ["torchrun", "retries", "retry_delay_seconds"]
 TORCHRUN_KEYS = ["nproc_per_node", "nnodes", "node_rank", "max_restarts", "join_timeout"]
@@ -41,6 +42,11 @@ class FinetuneConfig:
     @property
     def work_dir(self) -> Path:
         return settings.resolve_path(self.project_dir, self.trainer["work_dir"])
+
+    @property
+    def work(self) -> WorkDir:
+        """The work dir's files (steps/work_dir.py)."""
+        return WorkDir(self.work_dir)
 
     @property
     def node_rank(self) -> int:

@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from pipelines import mlflow_run, trainer_launch, work_dir
+from pipelines import mlflow_run, trainer_launch
 from pipelines.finetune_config import FinetuneConfig, load_config
 from steps.common import lock_work_dir
 
@@ -71,15 +71,15 @@ def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides
         run_id, experiment_id, resumed = start_run(cfg)
         try:
             train_with_retries(cfg, run_id, lock_fd)
-            summary = json.loads((cfg.work_dir / "summary.json").read_text(encoding="utf-8"))
+            summary = json.loads(cfg.work.summary.read_text(encoding="utf-8"))
             finish_run(cfg, run_id, summary)
         except BaseException as exc:
             mlflow_run.mark_failed(cfg, run_id)
-            if not trainer_launch.is_retryable(exc) and work_dir.restore_previous(cfg.work_dir):
+            if not trainer_launch.is_retryable(exc) and cfg.work.restore_previous():
                 # Refused or diverged: a rerun would fail the same way, so the last good outputs come back.
                 get_run_logger().info(f"the previous run's outputs are back in {cfg.work_dir}")
             raise
-        work_dir.drop_previous(cfg.work_dir)
+        cfg.work.drop_previous()
     finally:
         os.close(lock_fd)
     result = {

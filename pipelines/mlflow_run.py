@@ -19,7 +19,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Param
 
-from pipelines import settings, work_dir
+from pipelines import settings
 from pipelines.finetune_config import FinetuneConfig, trainer_argv, world_size
 from steps.checkpoints import sha256_file
 from steps.common import InputError
@@ -134,7 +134,7 @@ def start_or_resume(cfg: FinetuneConfig, inputs: dict[str, Any], flow_run: Any =
     if resumed:
         client.update_run(run_id, status="RUNNING")
     else:
-        work_dir.set_aside(cfg.work_dir)  # kept until this run succeeds (pipelines/work_dir.py)
+        cfg.work.set_aside()  # kept until this run succeeds (steps/work_dir.py)
         name = f"{cfg.trainer['model_card']}-r{cfg.trainer.get('lora_dim', 0)}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = client.create_run(experiment_id, run_name=name).info.run_id
     log_params_once(client, run_id, {**settings.flatten(cfg.params), **inputs})
@@ -152,7 +152,7 @@ ADAPTER_SHA_TAG = "adapter_sha256"  # which run trained the adapter in the work 
 def log_outcome(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> None:
     """After training: what the trainer resolved, the final adapter's sha256, and the trainer's logs as artifacts."""
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
-    adapter = cfg.work_dir / "adapter.safetensors"
+    adapter = cfg.work.adapter
     if adapter.is_file():
         client.set_tag(run_id, ADAPTER_SHA_TAG, sha256_file(adapter))
     log_params_once(client, run_id, {"resolved.max_step": summary.get("steps"), "resolved.trainable_params": summary.get("trainable_params")})
@@ -163,9 +163,9 @@ def log_outcome(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> No
     for key, value in tags.items():
         if value not in (None, ""):
             client.set_tag(run_id, key, str(value))
-    for name in ("train_log.csv", "valid_log.csv", "summary.json"):
-        if (cfg.work_dir / name).is_file():
-            client.log_artifact(run_id, str(cfg.work_dir / name), artifact_path="logs")
+    for log in (cfg.work.train_log, cfg.work.valid_log, cfg.work.summary):
+        if log.is_file():
+            client.log_artifact(run_id, str(log), artifact_path="logs")
 
 
 def mark_finished(cfg: FinetuneConfig, run_id: str) -> None:

@@ -178,7 +178,7 @@ def training_run_of_adapter(client: Any, cfg: FinetuneConfig, named: str) -> str
     except MlflowException as exc:
         raise InputError(f"MLflow run {named} named in the run file is not in {cfg.tracking_uri} ({exc.message}); rerun the "
                          "finetune stage (dvc repro -f finetune)", run_file) from None
-    adapter = cfg.work_dir / "adapter.safetensors"
+    adapter = cfg.work.adapter
     if not adapter.is_file() or run.data.tags.get(ADAPTER_SHA_TAG) in (None, sha := sha256_file(adapter)):
         return named  # its adapter, or a run older than the tag: trust the run file
     found = client.search_runs([run.info.experiment_id], filter_string=f"tags.{ADAPTER_SHA_TAG} = '{sha}'",
@@ -193,11 +193,11 @@ def training_run_of_adapter(client: Any, cfg: FinetuneConfig, named: str) -> str
 
 def version_tags(cfg: FinetuneConfig, run_id: str, scores: dict[str, float], test_data: str) -> dict[str, str]:
     """What the registry page shows for each version: scores, base and test data identity, the run."""
-    adapter_config = json.loads((cfg.work_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    adapter_config = json.loads(cfg.work.adapter_config.read_text(encoding="utf-8"))
     tags = {name: repr(value) for name, value in scores.items()}  # full precision: the next champion decision reads them
     tags.update(run_id=run_id, base_sha256=(adapter_config.get("base") or {}).get("sha256") or "", test_data=cfg.decode["ref_file"])
     tags[TEST_DATA_TAG] = test_data
-    summary = cfg.work_dir / "summary.json"
+    summary = cfg.work.summary
     if summary.is_file() and "best_valid_loss" in (loaded := json.loads(summary.read_text(encoding="utf-8"))):
         tags["best_valid_loss"] = repr(float(loaded["best_valid_loss"]))
     return tags

@@ -32,7 +32,7 @@ from pipelines import settings, shell
 from pipelines.finetune_config import FinetuneConfig, torchrun_argv, trainer_argv
 from steps.common import PARENT_PID_ENV, WORK_DIR_LOCK_FD, WORK_DIR_LOCK_HOLDER, InputError
 from steps.distributed import OUTPUT_NODE, RENDEZVOUS_FILE
-from steps.train_status import STATUS_FILE, read_status
+from steps.train_status import read_status
 
 
 class TrainerFailed(RuntimeError):
@@ -110,7 +110,7 @@ def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str]
     """Run the trainer to the end, streaming its output to `on_line`; raise TrainerFailed when it fails."""
     if cfg.node_rank == 0:  # other nodes write nothing, and may share node 0's work dir
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.work_dir / STATUS_FILE).unlink(missing_ok=True)  # a status left by an earlier run must not decide about this one
+        cfg.work.status.unlink(missing_ok=True)  # a status left by an earlier run must not decide about this one
     handle, name = tempfile.mkstemp(prefix="nlg-torchrun-error-", suffix=".json")  # private to this launch
     os.close(handle)
     error_file = Path(name)

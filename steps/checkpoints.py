@@ -21,11 +21,10 @@ from safetensors.torch import save_file
 from steps.common import InputError, atomic_path, atomic_write
 from steps.lora import LoRAConfig, lora_state_dict
 from steps.model import CARDS, GPT2, GPT2Config
+from steps.work_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 ADAPTER_FORMAT = "nlg-lora-adapter"
 ADAPTER_VERSION = 1
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 # Hugging Face / the original store these as Conv1D weights, [in, out]; we use nn.Linear's [out, in].
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from steps.work_dir import WorkDir
+
 # The original's --seq_len: the trainer's default example length (longer ones lose context tokens there).
 DEFAULT_SEQ_LEN = 512
 
@@ -197,8 +199,7 @@ WORK_DIR_LOCK_FD = "NLG_WORK_DIR_LOCK_FD"  # set by a launcher that already hold
 
 def lock_path(work_dir: str | os.PathLike) -> Path:
     """`<parent>/.<name>.lock`: beside the work dir, not in it (the work dir is a DVC output; a PID would change its hash)."""
-    work_dir = Path(work_dir)
-    return work_dir.parent / f".{work_dir.name}.lock"
+    return WorkDir(work_dir).lock
 
 
 def lock_work_dir(work_dir: str | os.PathLike) -> int:

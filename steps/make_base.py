@@ -49,7 +49,7 @@ from steps.model import CARDS, GPT2, card
 from steps.optim import AdamW
 
 MANIFEST_FORMAT = "lora-nlg-standin-base"
-STATE_FILE = "state.pt"
+STATE_FILE = "build_state.pt"  # the build's own work dir, not a trainer's (steps/work_dir.py)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from steps.common import atomic_path, atomic_write
+from steps.work_dir import WorkDir
 
-TRAIN_LOG = "train_log.csv"
-VALID_LOG = "valid_log.csv"
 TRAIN_LOG_FIELDS = ["step", "epoch", "lr", "loss", "nll", "ppl"]
 VALID_LOG_FIELDS = ["step", "valid_loss", "valid_ppl", "best_valid_loss"]
 TRAIN_PLOT, VALID_PLOT, LOSS_PNG = "train_loss.csv", "valid_loss.csv", "loss.png"
@@ -57,7 +56,7 @@ def truncate_after(path: Path, step: int) -> None:
 
 def write_plots(work_dir: Path, plots_dir: str | os.PathLike) -> None:
     """The DVC plot files and the PNG, from the work dir's logs."""
-    train, valid = read_rows(work_dir / TRAIN_LOG), read_rows(work_dir / VALID_LOG)
+    train, valid = read_rows(WorkDir(work_dir).train_log), read_rows(WorkDir(work_dir).valid_log)
     plots = Path(plots_dir)
     write_rows(plots / TRAIN_PLOT, train, ["step", "loss", "nll"])
     write_rows(plots / VALID_PLOT, valid, ["step", "valid_loss"])

@@ -46,6 +46,7 @@ from steps.static_update import Bucket, Shapes, StaticUpdater, static_batch
 from steps.tracking import RunLogger
 from steps.train_config import TrainConfig, fingerprint, parse_config, resolve_fast_path, resolve_max_step, setup_warnings
 from steps.train_status import record_failure, write_status
+from steps.work_dir import WorkDir
 
 # ---------------------------------------------------------------------------------------------- set-up
 
@@ -85,7 +86,7 @@ class Trainer:
         cfg = resolve_fast_path(cfg, env.device.type)
         self.cfg, self.env = cfg, env
         self.static = cfg.shapes == "static"
-        self.work_dir = Path(cfg.work_dir)
+        self.work = WorkDir(cfg.work_dir)
         self.model, self.notes = build_model(cfg)
         self.train_set, self.valid_set = load_splits(cfg.train_data, cfg.valid_data, cfg.seq_len, cfg.obj, cfg.truncation,
                                                     self.model.config.vocab_size)
@@ -256,7 +257,7 @@ class Trainer:
         speed = {"tokens_per_s": tokens / seconds, "ms_per_update": 1000 * seconds / max(1, self.meter["updates"])}
         self.last_train_loss = row["loss"]
         if self.env.main:
-            reports.append_row(self.work_dir / reports.TRAIN_LOG, reports.TRAIN_LOG_FIELDS, row)
+            reports.append_row(self.work.train_log, reports.TRAIN_LOG_FIELDS, row)
             metrics = {f"train/{k}": float(v) for k, v in {**row, **speed}.items() if k not in ("step", "epoch")}
             self.tracker.log_metrics(metrics, self.step)  # timings go to MLflow only: tracked files stay reproducible
             self.log(f"| epoch {row['epoch']:3d} | step {self.step:6d}/{self.max_step} | lr {row['lr']:.3g} | "
@@ -273,17 +274,17 @@ class Trainer:
         self.best_valid = min(self.best_valid, valid)
         if self.env.main:
             row = {"step": self.step, "valid_loss": valid, "valid_ppl": math.exp(min(valid, 50)), "best_valid_loss": self.best_valid}
-            reports.append_row(self.work_dir / reports.VALID_LOG, reports.VALID_LOG_FIELDS, row)
+            reports.append_row(self.work.valid_log, reports.VALID_LOG_FIELDS, row)
             self.tracker.log_metrics({"valid/loss": valid, "valid/ppl": row["valid_ppl"]}, self.step)
             self.log(f"| eval at step {self.step:6d} | valid loss {valid:.4f} | valid ppl {row['valid_ppl']:.2f} | best {self.best_valid:.4f}"
                      + (" (new best)" if improved else ""))
             if improved:
-                self.save_adapter(self.work_dir / "best")
+                self.save_adapter(self.work.best)
 
     def check_finite(self, value: float) -> None:
         if math.isfinite(value):
             return
-        resume = self.work_dir / "resume" / "state.pt"
+        resume = self.work.resume_state
         kept = (f"the last good checkpoint is {resume}" if resume.is_file()
                 else "no checkpoint was written yet")
         raise TrainingDiverged(f"loss became {value} at update {self.step}; stopping without saving ({kept}). "
@@ -291,7 +292,7 @@ class Trainer:
 
     def save_adapter(self, out_dir: Path) -> None:
         if self.model.lora_config is None:  # full fine-tuning: the "adapter" is the whole model
-            ckpt.save_hf_checkpoint(self.model, out_dir / "model.safetensors")
+            ckpt.save_hf_checkpoint(self.model, WorkDir(out_dir).full_model)
         else:
             config = ckpt.adapter_config(self.model, self.cfg.model_card, self.base, self.step, epoch=self.epoch)
             ckpt.save_adapter(self.model, out_dir, config)
@@ -301,10 +302,10 @@ class Trainer:
         self.check_finite(sum(p.detach().float().sum().item() for p in self.trainable))
         if not self.env.main:
             return
-        step_dir = self.work_dir / "checkpoints" / f"step_{self.step}"
+        step_dir = self.work.checkpoint(self.step)
         self.save_adapter(step_dir)
-        ckpt.save_resume_state(self.work_dir / "resume" / "state.pt", self.resume_state())
-        self.tracker.log_artifacts(step_dir, f"checkpoints/step_{self.step}")
+        ckpt.save_resume_state(self.work.resume_state, self.resume_state())
+        self.tracker.log_artifacts(step_dir, step_dir.relative_to(self.work.root).as_posix())
 
     def resume_state(self) -> dict[str, Any]:
         return {
@@ -317,7 +318,7 @@ class Trainer:
         }
 
     def maybe_resume(self) -> None:
-        path = self.work_dir / "resume" / "state.pt"
+        path = self.work.resume_state
         data = None if self.cfg.resume == "never" else self.env.read_on_main(path)  # rank 0's file, on every node
         if data is None:
             return
@@ -342,8 +343,8 @@ class Trainer:
             else:
                 self.meter[key] = value
         if self.env.main:
-            for name in (reports.TRAIN_LOG, reports.VALID_LOG):  # forget log rows written after the state we resume from
-                reports.truncate_after(self.work_dir / name, self.step)
+            for log in (self.work.train_log, self.work.valid_log):  # forget log rows written after the state we resume from
+                reports.truncate_after(log, self.step)
         self.log(f"resumed from {path} at update {self.step} (epoch {self.epoch}, update {self.update_in_epoch} of it)")
 
     # -- main loop
@@ -351,12 +352,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.env.main:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
+            self.work.root.mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
         if self.updater is not None:  # after the resume: graphs point at the optimizer state it loaded
             self.updater.start(self.planned_buckets(self.max_step) if self.updater.use_graphs else set(), cfg.train_batch_size)
         if self.env.main:
-            write_status(self.work_dir, "running")
+            write_status(self.work, "running")
         self.env.barrier()
         n_trainable = sum(p.numel() for p in self.trainable)
         self.log(f"train: {len(self.train_set)} examples, valid: {len(self.valid_set)} | {cfg.model_card} | trainable params "
@@ -419,21 +420,21 @@ class Trainer:
 
     def finish(self, summary: dict[str, Any], seconds: float) -> None:
         """Rank 0: the final adapter, the summary, the plots, and status `completed`."""
-        self.save_adapter(self.work_dir)
+        self.save_adapter(self.work.root)
         # Where it ran, in the work dir's summary (and from there in the MLflow run): last bits differ between CPU kinds.
         machine = {"precision": self.cfg.precision, "machine": runtime.machine()}
-        write_json(self.work_dir / "summary.json", {**summary, **machine})
+        write_json(self.work.summary, {**summary, **machine})
         if self.cfg.machine_file:
             write_json(self.cfg.machine_file, machine)
         if self.cfg.summary_file:
             write_json(self.cfg.summary_file, summary)
         if self.cfg.plots_dir:
-            reports.write_plots(self.work_dir, self.cfg.plots_dir)
+            reports.write_plots(self.work, self.cfg.plots_dir)
             self.tracker.log_artifacts(self.cfg.plots_dir, "plots")
         self.tracker.log_metrics({"train/wall_s": seconds}, self.step)
-        write_status(self.work_dir, "completed", 0)
+        write_status(self.work, "completed", 0)
         self.log(f"done: {self.step} updates in {seconds:.0f} s, best valid loss {self.best_valid:.4f} "
-                 f"(ppl {summary['best_valid_ppl']:.2f}), adapter in {self.work_dir}")
+                 f"(ppl {summary['best_valid_ppl']:.2f}), adapter in {self.work}")
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -24,6 +24,8 @@ from typing import Any
 from steps.common import DEFAULT_SEQ_LEN, InputError
 from steps.model import CARDS
 from steps.optim import NO_SCHEDULE, cycle_max_step
+from steps.peft_format import PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
+from steps.work_dir import ADAPTER_WEIGHTS
 
 SCHEDULERS = ("linear", "cosine", "cosine_reference", "constant", "cycle", "inv_sqrt", "dev_perf", "none")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -303,8 +305,8 @@ def adapter_weights(path: str) -> Path:
     """The tensor file of an adapter given as a directory (ours or PEFT's) or as a file."""
     path = Path(path)
     if path.is_dir():
-        return next((path / name for name in ("adapter.safetensors", "adapter_model.safetensors", "adapter_model.bin")
-                     if (path / name).is_file()), path / "adapter.safetensors")
+        return next((path / name for name in (ADAPTER_WEIGHTS, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN) if (path / name).is_file()),
+                    path / ADAPTER_WEIGHTS)
     return path
 
 

@@ -11,20 +11,20 @@ from pathlib import Path
 
 from steps.common import EXIT_BAD_INPUT, EXIT_DIVERGED, write_json
 from steps.distributed import is_main_process
+from steps.work_dir import WorkDir
 
-STATUS_FILE = "status.json"
 STATES = ("running", "completed", "bad_input", "diverged")
 FINAL_STATES = {EXIT_BAD_INPUT: "bad_input", EXIT_DIVERGED: "diverged"}  # failures a retry would repeat
 
 
 def write_status(work_dir: str | Path, state: str, exit_code: int | None = None, message: str = "") -> None:
-    write_json(Path(work_dir) / STATUS_FILE, {"state": state, "exit_code": exit_code, "message": message})
+    write_json(WorkDir(work_dir).status, {"state": state, "exit_code": exit_code, "message": message})
 
 
 def read_status(work_dir: str | Path) -> dict:
     """The last status, or {} when there is none (never started) or it is unreadable (killed mid-write)."""
     try:
-        return json.loads((Path(work_dir) / STATUS_FILE).read_text(encoding="utf-8"))
+        return json.loads(WorkDir(work_dir).status.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 

@@ -456,16 +456,6 @@ def test_tracking_uri_is_made_absolute_and_env_wins(tmp_path, monkeypatch):
     assert tracking_uri({"tracking_uri": "sqlite:///mlflow.db"}, tmp_path) == "sqlite:////elsewhere/m.db"
 
 
-def test_clean_work_dir_removes_only_trainer_outputs(tmp_path):
-    from pipelines.work_dir import clean_work_dir
-
-    for name in ("adapter.safetensors", "summary.json", "checkpoints/step_4/adapter.safetensors", "resume/state.pt", "notes.txt"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("x")
-    clean_work_dir(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-
-
 def test_resume_only_an_unfinished_run_with_the_same_fingerprint(tmp_path):
     from mlflow import MlflowClient
 

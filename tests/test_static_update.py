@@ -185,7 +185,7 @@ def test_dropout_seed_is_stable_across_processes():
 def train_until(args: list[str], steps: int) -> None:
     """The trainer's own loop, stopped after `steps` updates: what a crash leaves (checkpoints up to there)."""
     trainer = Trainer(parse_config(args), Dist(0, 1, torch.device("cpu")))
-    trainer.work_dir.mkdir(parents=True, exist_ok=True)
+    trainer.work.root.mkdir(parents=True, exist_ok=True)
     if trainer.updater is not None:
         trainer.updater.start(set(), trainer.cfg.train_batch_size)
     trainer.loss_module.train()
