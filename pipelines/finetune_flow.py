@@ -14,7 +14,6 @@ Import this module only after pipelines.settings.apply_env_defaults(): Prefect r
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -24,7 +23,7 @@ from prefect.context import FlowRunContext
 
 from pipelines import mlflow_run, trainer_launch
 from pipelines.finetune_config import FinetuneConfig, load_config
-from steps.common import lock_work_dir
+from steps.common import work_dir_lock
 
 
 def retry_unless_final(task_: Any, task_run: Any, state: Any) -> bool:
@@ -44,8 +43,8 @@ def start_run(cfg: FinetuneConfig) -> tuple[str, str, bool]:
 
 
 @task(name="train", cache_policy=NO_CACHE, retry_condition_fn=retry_unless_final)
-def train(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None) -> None:
-    trainer_launch.run_trainer(cfg, run_id, get_run_logger().info, lock_fd)
+def train(cfg: FinetuneConfig, run_id: str | None) -> None:
+    trainer_launch.run_trainer(cfg, run_id, get_run_logger().info)
 
 
 @task(name="log-outcome", cache_policy=NO_CACHE)
@@ -64,13 +63,12 @@ def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides
     if cfg.node_rank != 0:
         # Other nodes only contribute ranks and write nothing (no lock either: the work dir may be node 0's, shared);
         # node 0 owns the MLflow run and the outputs.
-        train_with_retries(cfg, None, None)
+        train_with_retries(cfg, None)
         return {"node_rank": cfg.node_rank}
-    lock_fd = lock_work_dir(cfg.work_dir)  # one writer per work dir: held (and shared with the trainer) until the flow ends
-    try:
+    with work_dir_lock(cfg.work_dir):  # one writer per work dir: held (and shared with the trainer) until the flow ends
         run_id, experiment_id, resumed = start_run(cfg)
         try:
-            train_with_retries(cfg, run_id, lock_fd)
+            train_with_retries(cfg, run_id)
             summary = json.loads(cfg.work.summary.read_text(encoding="utf-8"))
             finish_run(cfg, run_id, summary)
         except BaseException as exc:
@@ -80,8 +78,6 @@ def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides
                 get_run_logger().info(f"the previous run's outputs are back in {cfg.work_dir}")
             raise
         cfg.work.drop_previous()
-    finally:
-        os.close(lock_fd)
     result = {
         "run_id": run_id, "experiment_id": experiment_id, "resumed": resumed, "summary": summary,
         "seconds": round(time.perf_counter() - started, 1),

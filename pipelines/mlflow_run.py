@@ -8,7 +8,6 @@ outputs in the work dir are removed and a fresh run starts.
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import time
 from dataclasses import replace
@@ -21,8 +20,7 @@ from mlflow.entities import Param
 
 from pipelines import settings
 from pipelines.finetune_config import FinetuneConfig, trainer_argv, world_size
-from steps.checkpoints import sha256_file
-from steps.common import InputError
+from steps.common import InputError, file_digest, sha256_file
 from steps.tracking import read_run_file, write_run_file
 from steps.train_config import fingerprint, fingerprint_digest, parse_config
 
@@ -31,14 +29,6 @@ MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 # Opens the experiment on its training runs in UIs that read it (MLflow's experiment-kind tag).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
-
-def md5_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Plain md5 of the bytes: the same value DVC 3 records for a file."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dvc_lock_hashes(project_dir: Path, paths: list[str]) -> dict[str, str]:
@@ -80,7 +70,7 @@ def describe_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
     """Resolved values logged as MLflow params, among them the fingerprint that decides resume vs fresh start."""
     commit, dirty = git_state(cfg.project_dir)
     keys = ("train_data", "valid_data", "init_checkpoint")
-    data = {f"data.md5.{key}": md5_file(cfg.path(cfg.trainer[key])) for key in keys}
+    data = {f"data.md5.{key}": file_digest(cfg.path(cfg.trainer[key]), "md5") for key in keys}
     dvc = {f"data.dvc.{path}": md5 for path, md5 in dvc_lock_hashes(cfg.project_dir, [cfg.trainer[k] for k in keys]).items()}
     return {
         **data, **dvc,

@@ -30,8 +30,7 @@ from typing import Any
 from pipelines import settings
 from pipelines.finetune_config import FinetuneConfig, load_config
 from steps import eval_extra
-from steps.checkpoints import sha256_file
-from steps.common import InputError, run_stage, write_json
+from steps.common import InputError, run_stage, sha256_file, write_json
 
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "TER", "SER")  # what metrics/eval.json may hold at its top level
 LOWER_IS_BETTER = frozenset({"SER", "TER"})  # error rates; the others are similarities
@@ -170,7 +169,6 @@ def training_run_of_adapter(client: Any, cfg: FinetuneConfig, named: str) -> str
     from mlflow.exceptions import MlflowException
 
     from pipelines.mlflow_run import ADAPTER_SHA_TAG
-    from steps.checkpoints import sha256_file
 
     run_file = cfg.path(cfg.tracking["run_file"])
     try:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pipelines import settings, shell
 from pipelines.finetune_config import FinetuneConfig, torchrun_argv, trainer_argv
-from steps.common import PARENT_PID_ENV, WORK_DIR_LOCK_FD, WORK_DIR_LOCK_HOLDER, InputError
+from steps.common import PARENT_PID_ENV, WORK_DIR_LOCK_FD, WORK_DIR_LOCK_HOLDER, InputError, held_lock
 from steps.distributed import OUTPUT_NODE, RENDEZVOUS_FILE
 from steps.train_status import read_status
 
@@ -58,9 +58,10 @@ def launches_torchrun(cfg: FinetuneConfig) -> bool:
     return int(torchrun["nnodes"]) > 1 or processes_per_node(torchrun) is None
 
 
-def trainer_commands(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = None,
-                     error_file: Path | None = None) -> list[tuple[list[str], dict[str, str]]]:
-    """(argv, env) of every process this node starts; torchrun writes why it failed to `error_file`."""
+def trainer_commands(cfg: FinetuneConfig, run_id: str | None, error_file: Path | None = None) -> list[tuple[list[str], dict[str, str]]]:
+    """(argv, env) of every process this node starts; torchrun writes why it failed to `error_file`. When this process
+    holds the work dir's lock (`with work_dir_lock(...)`), the trainers share it."""
+    lock_fd = held_lock(cfg.work_dir)
     env = trainer_env(cfg, run_id, lock_fd)
     if launches_torchrun(cfg):
         env = {**env, **torchrun_env(cfg, lock_fd, error_file)}
@@ -106,7 +107,7 @@ def trainer_env(cfg: FinetuneConfig, run_id: str | None, lock_fd: int | None = N
     return env
 
 
-def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str], None], lock_fd: int | None = None) -> None:
+def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str], None]) -> None:
     """Run the trainer to the end, streaming its output to `on_line`; raise TrainerFailed when it fails."""
     if cfg.node_rank == 0:  # other nodes write nothing, and may share node 0's work dir
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,8 @@ def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str]
     handle, name = tempfile.mkstemp(prefix="nlg-torchrun-error-", suffix=".json")  # private to this launch
     os.close(handle)
     error_file = Path(name)
-    commands = trainer_commands(cfg, run_id, lock_fd, error_file)
+    commands = trainer_commands(cfg, run_id, error_file)
+    lock_fd = held_lock(cfg.work_dir)
     on_line(f"launching: {' '.join(commands[0][0])}" + (f" (x{len(commands)} processes)" if len(commands) > 1 else ""))
     try:
         returncode = shell.stream_all(commands, cfg.project_dir, on_line, pass_fds=() if lock_fd is None else (lock_fd,))

@@ -6,7 +6,6 @@ must load completely: a missing or mis-shaped tensor is an error, never a silent
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -18,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from steps.common import InputError, atomic_path, atomic_write
+from steps.common import InputError, atomic_path, atomic_write, sha256_file
 from steps.lora import LoRAConfig, lora_state_dict
 from steps.model import CARDS, GPT2, GPT2Config
 from steps.work_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -30,14 +29,6 @@ ADAPTER_VERSION = 1
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # Keys a GPT-2 checkpoint may hold that are not weights of ours: causal-mask buffers and the (tied) LM head.
 _IGNORED = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|^lm_head\..*|\.lora_[AB])$")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

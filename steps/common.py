@@ -125,6 +125,34 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 raise InputError(f"malformed JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line", path, number) from None
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, device, inode, size, mtime, algorithm) -> hex digest
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (md5 is what DVC 3 records). Remembered for the life of the process while the
+    file's inode, size and modification time stay the same, so a base checkpoint is read once, not at every check.
+    A file modified in the last two seconds is always read: timestamps are coarse, and a rewrite of the same size
+    within one tick would look unchanged (git's "racy clean" case)."""
+    import hashlib
+    import time
+
+    info = os.stat(path)
+    key = (os.path.abspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, algorithm)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    if time.time_ns() - info.st_mtime_ns > 2_000_000_000:
+        _DIGESTS[key] = digest.hexdigest()
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha256")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write pretty, key-stable JSON atomically (stable bytes keep DVC hashes stable)."""
     with atomic_write(path) as f:
@@ -212,7 +240,12 @@ def lock_work_dir(work_dir: str | os.PathLike) -> int:
 
     path = lock_path(work_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:  # never through a symlink: the PID would overwrite whatever file it points to
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise InputError("the work dir's lock file is a symbolic link; remove it (a training writes its PID there)", path) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -223,6 +256,28 @@ def lock_work_dir(work_dir: str | os.PathLike) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+_HELD_LOCKS: dict[str, int] = {}  # lock file -> descriptor, for the locks a `with work_dir_lock(...)` holds in this process
+
+
+@contextlib.contextmanager
+def work_dir_lock(work_dir: str | os.PathLike) -> Iterator[int]:
+    """Hold the work dir's lock for the block (a launcher: the finetune flow). The processes it starts share it:
+    `held_lock(work_dir)` gives the descriptor to pass on, so nobody threads it through their calls."""
+    key = os.path.abspath(lock_path(work_dir))
+    fd = lock_work_dir(work_dir)
+    _HELD_LOCKS[key] = fd
+    try:
+        yield fd
+    finally:
+        del _HELD_LOCKS[key]
+        os.close(fd)
+
+
+def held_lock(work_dir: str | os.PathLike) -> int | None:
+    """The descriptor of this work dir's lock when this process holds it in a `with work_dir_lock(...)` block."""
+    return _HELD_LOCKS.get(os.path.abspath(lock_path(work_dir)))
 
 
 # Set instead by a launcher that started this process through torchrun, which passes no descriptors on: its PID.

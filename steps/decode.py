@@ -38,14 +38,13 @@ from steps.checkpoints import (
     lora_config_of,
     model_config_of,
     read_tensors,
-    sha256_file,
 )
-from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, require_writable, run_stage
+from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, require_writable, run_stage, sha256_file
+from steps.datasets import DATASETS
 from steps.decode_text import clean_text, write_scorer_files
+from steps.distributed import PRECISIONS
 from steps.model import GPT2, card
 from steps.tokenizer import EOS_ID, get_tokenizer
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Unique queries searched together: the original gpt2_beam.py's --batch_size. Not a BeamConfig field, because it
 # changes only how many searches share a forward pass (speed and memory), never a result: a batched search returns
@@ -269,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_file", default=None, help="also write the original's {'id', 'predict': [eval_len ids]} "
                    "file under work_dir (compatibility; off unless given)")
     p.add_argument("--input_file", default=None, help="the formatted JSONL of --data: also write the scorer files")
-    p.add_argument("--ref_type", default="e2e", choices=("e2e", "webnlg", "dart"), help="scorer layout (default e2e)")
+    p.add_argument("--ref_type", default="e2e", choices=DATASETS, help="scorer layout (default e2e)")
     p.add_argument("--ref_num", type=int, default=4, help="webnlg/dart: number of reference files (default 4)")
     p.add_argument("--lower", action="store_true", help="scorer files: lower-case (the README does for webnlg/dart)")
     p.add_argument("--tokenize", action="store_true", help="scorer files: split around punctuation")

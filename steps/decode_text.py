@@ -24,15 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steps.common import InputError, atomic_write, iter_jsonl, run_stage
+from steps.datasets import DATASETS
+from steps.tokenizer import EOS_TOKEN
 
-EOS_TEXT = "<|endoftext|>"
-REF_TYPES = ("e2e", "webnlg", "dart")
+REF_TYPES = DATASETS  # each dataset family has its reference layout
 FILTERS = ("all", "seen", "unseen")
 
 
 def clean_text(text: str) -> str:
     """Cut at the first <|endoftext|>, then at the first blank line, then strip (the original's rule)."""
-    return text.split(EOS_TEXT, 1)[0].split("\n\n", 1)[0].strip()
+    return text.split(EOS_TOKEN, 1)[0].split("\n\n", 1)[0].strip()
 
 
 def post_process(text: str, lower: bool = False, tokenize: bool = False) -> str:

@@ -33,9 +33,8 @@ from steps.checkpoints import (
     lora_config_of,
     model_config_of,
     save_hf_checkpoint,
-    sha256_file,
 )
-from steps.common import InputError, atomic_write, run_stage, write_json
+from steps.common import InputError, atomic_write, run_stage, sha256_file, write_json
 from steps.model import GPT2, GPT2Config
 from steps.peft_format import default_base_model, write_peft
 from steps.tokenizer import EOS_ID

@@ -9,6 +9,14 @@ from torch import nn
 from steps.model import GPT2
 
 LABEL_SMOOTH_MIN = 1e-4  # the original switches label smoothing on above this value
+TOKEN_MEAN_EPS = 1e-4  # the original's term in the token mean's denominator
+
+
+def token_mean_scale(world: int, loss_tokens: torch.Tensor) -> torch.Tensor:
+    """What each rank's summed loss is multiplied by: the mean over the update's loss tokens (all micro-batches and
+    ranks, plus the original's 1e-4), times `world` because DDP averages gradients over ranks. Both update paths
+    (steps/train.py, steps/static_update.py) compute it here."""
+    return world / (loss_tokens + TOKEN_MEAN_EPS)
 
 
 def masked_lm_loss(model: GPT2, batch: dict[str, torch.Tensor], label_smooth: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from steps import runtime, standin_corpus
-from steps.checkpoints import load_base_weights, save_hf_checkpoint, sha256_file
-from steps.common import InputError, atomic_path, run_stage, write_json
+from steps.checkpoints import load_base_weights, save_hf_checkpoint
+from steps.common import InputError, atomic_path, run_stage, sha256_file, write_json
 from steps.model import CARDS, GPT2, card
 from steps.optim import AdamW
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from steps.data import Example, collate
 from steps.lora import dropout_seed, use_dropout_generator
-from steps.loss import static_lm_loss
+from steps.loss import static_lm_loss, token_mean_scale
 from steps.model import GPT2
 from steps.optim import CapturableAdamW
 
@@ -103,7 +103,7 @@ class StaticUpdater:
                 dist.broadcast(p.data, src=0)
         self.generator = torch.Generator(device=self.device)
         use_dropout_generator(model, self.generator)
-        self.scale = torch.zeros((), device=self.device)  # world / (the update's loss tokens + 1e-4), as the eager path
+        self.scale = torch.zeros((), device=self.device)  # the update's token-mean scale, as the eager path
         self.use_graphs = use_graphs
         self.buffers: dict[Bucket, dict[str, torch.Tensor]] = {}
         self.graphs: dict[Bucket, Any] = {}
@@ -162,18 +162,18 @@ class StaticUpdater:
             self.optimizer_step()
 
     def load_scale(self, tokens: torch.Tensor) -> None:
-        """scale = world / (loss tokens of the update on all ranks + 1e-4), the eager path's arithmetic.
+        """The token-mean scale of the update (steps.loss.token_mean_scale), as the eager path computes it.
 
         Every copy here is non-blocking: a blocking host-to-device copy waits for the device's queue to drain, which
         would cost the replays their head start. One process computes the scale on the host; several sum their counts
         on the device first.
         """
         if self.world == 1:
-            self.scale.copy_(self.world / (tokens.float() + 1e-4), non_blocking=True)
+            self.scale.copy_(token_mean_scale(self.world, tokens.float()), non_blocking=True)
             return
         counts = tokens.float().reshape(1).to(self.device, non_blocking=True)
         dist.all_reduce(counts)
-        self.scale.copy_((self.world / (counts + 1e-4)).reshape(()))
+        self.scale.copy_(token_mean_scale(self.world, counts).reshape(()))
 
     def buffers_for(self, bucket: Bucket, rows: int) -> dict[str, torch.Tensor]:
         if bucket not in self.buffers:

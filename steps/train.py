@@ -39,7 +39,7 @@ from steps.common import InputError, TrainingDiverged, claim_outputs, die_with_p
 from steps.data import EpochPlan, collate, epoch_updates, load_splits, shard_sequential
 from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
 from steps.lora import LoRAConfig, dropout_seed, mark_only_lora_trainable, parse_targets, use_dropout_generator
-from steps.loss import LossModule, masked_lm_loss
+from steps.loss import LossModule, masked_lm_loss, token_mean_scale
 from steps.model import GPT2, card
 from steps.optim import AdamW, CapturableAdamW, build_scheduler, param_groups_for
 from steps.static_update import Bucket, Shapes, StaticUpdater, static_batch
@@ -200,11 +200,9 @@ class Trainer:
     def dynamic_update(self, group: list[dict[str, torch.Tensor]]) -> None:
         """The reference update: each micro-batch in its own shape, DDP's all-reduce, the int-step AdamW."""
         cfg, env = self.cfg, self.env
-        # The denominator is the number of loss tokens in the whole update, over all micro-batches and ranks,
-        # plus the original's 1e-4; DDP averages gradients over ranks, hence the factor world.
         tokens = sum(b["mask"].sum() for b in group)
         (global_tokens,) = env.all_sum(tokens)
-        scale = env.world / (global_tokens + 1e-4)
+        scale = token_mean_scale(env.world, global_tokens)
         for i, batch in enumerate(group):
             # Dropout masks depend only on (seed, rank, step, micro-batch): a resumed run draws the same ones.
             self.dropout_generator.manual_seed(dropout_seed(cfg.random_seed, env.rank, self.step, i))

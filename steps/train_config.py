@@ -21,14 +21,13 @@ from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from steps.common import DEFAULT_SEQ_LEN, InputError
+from steps.common import DEFAULT_SEQ_LEN, InputError, sha256_file
+from steps.distributed import PRECISIONS
 from steps.model import CARDS
-from steps.optim import NO_SCHEDULE, cycle_max_step
+from steps.optim import NO_SCHEDULE, SCHEDULES, cycle_max_step
 from steps.peft_format import PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
 from steps.work_dir import ADAPTER_WEIGHTS
 
-SCHEDULERS = ("linear", "cosine", "cosine_reference", "constant", "cycle", "inv_sqrt", "dev_perf", "none")
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 STEPS_DIR = Path(__file__).resolve().parent
 REQUIRED = object()  # the default of an option that has none: the command line must give it
 
@@ -133,7 +132,7 @@ class TrainConfig:
                                "the paper's recipe use 0.999)", OPTIMIZER, limit=PROBABILITY, fingerprint=True)
     no_decay_bias: bool = option(False, "no weight decay on biases and LayerNorm weights", OPTIMIZER, fingerprint=True)
     scheduler: str = option("linear", "learning-rate schedule; inv_sqrt and dev_perf mean a constant rate, as in the original",
-                            OPTIMIZER, choices=SCHEDULERS, fingerprint=True)
+                            OPTIMIZER, choices=SCHEDULES, fingerprint=True)
     warmup_step: int = option(0, "updates of linear warmup", OPTIMIZER, limit=NON_NEGATIVE, fingerprint=True)
     max_step: int | None = option(None, "total updates (default: from --max_epoch)", OPTIMIZER, limit=AT_LEAST_ONE, fingerprint=True)
     max_epoch: int | None = option(None, "epochs, used when --max_step is not given", OPTIMIZER, limit=AT_LEAST_ONE, fingerprint=True)
@@ -261,16 +260,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- resume fingerprint
 
-def sha256_of(path: str | os.PathLike | None, chunk: int = 1 << 22) -> str | None:
-    if not path:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def trainer_sources(entry: str = "train") -> list[Path]:
     """steps/<entry>.py and every steps module it imports, directly or not (read from the source, so the flow
     and the trainer find the same files whatever else their processes have imported)."""
@@ -319,10 +308,10 @@ def fingerprint(cfg: TrainConfig, world: int | str) -> dict[str, Any]:
     return {
         **{key: getattr(cfg, key) for key in FINGERPRINT_OPTIONS},
         "world_size": world,
-        "train_data_sha256": sha256_of(cfg.train_data),
-        "valid_data_sha256": sha256_of(cfg.valid_data),
-        "init_checkpoint_sha256": sha256_of(cfg.init_checkpoint),
-        "init_adapter_sha256": sha256_of(adapter_weights(cfg.init_adapter)) if cfg.init_adapter else None,
+        "train_data_sha256": sha256_file(cfg.train_data),
+        "valid_data_sha256": sha256_file(cfg.valid_data),
+        "init_checkpoint_sha256": sha256_file(cfg.init_checkpoint) if cfg.init_checkpoint else None,
+        "init_adapter_sha256": sha256_file(adapter_weights(cfg.init_adapter)) if cfg.init_adapter else None,
         "code_sha256": code_sha256(),
     }
 

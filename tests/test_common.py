@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_file_digest_is_the_real_digest_and_sees_every_rewrite(tmp_path):
+    import hashlib
+
+    from steps.common import file_digest, sha256_file
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    assert sha256_file(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert file_digest(path, "md5") == hashlib.md5(b"a" * 1000).hexdigest()
+    with open(path, "r+b") as f:  # in place: same inode, same size, within the same timestamp tick
+        f.write(b"b")
+    assert sha256_file(path) == hashlib.sha256(b"b" + b"a" * 999).hexdigest()
+    old = time.time() - 60  # an old file is remembered, until its size or time changes
+    os.utime(path, (old, old))
+    first = sha256_file(path)
+    with open(path, "ab") as f:
+        f.write(b"c")
+    assert sha256_file(path) != first

@@ -63,3 +63,13 @@ def test_the_trainer_does_not_run_the_export_command():
     finetune stage and refuse every resume state."""
     assert "steps/export.py" not in {f"steps/{path.name}" for path in trainer_sources()} | runs("pipelines/finetune.py")
     assert "steps/export.py" not in stage_deps("finetune")
+
+
+def test_every_stage_depends_on_all_the_code_its_command_runs():
+    """Every stage's `python -m <module>` and what it imports: an edit to any of them reruns the stage."""
+    import re
+
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        module = re.search(r"python -m ([\w.]+)", stage["cmd"]).group(1)
+        needed = runs(module.replace(".", "/") + ".py")
+        assert needed <= stage_deps(name), f"{name}: {sorted(needed - stage_deps(name))}"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from pipelines.finetune_config import FinetuneConfig
 from pipelines.trainer_launch import run_trainer, trainer_commands
-from steps.common import lock_path
+from steps.common import InputError, lock_path
 from tests.helpers import tiny_run_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,10 +113,10 @@ def test_killing_the_launcher_ends_its_trainer_and_frees_the_work_dir(tmp_path):
         from pathlib import Path
         from tests.test_launch import config
         from pipelines.trainer_launch import run_trainer
-        from steps.common import lock_work_dir
+        from steps.common import work_dir_lock
         cfg = config(Path({str(tmp_path)!r}), Path({str(work_dir)!r}), nproc=1, max_step=100000, log_interval=1)
-        fd = lock_work_dir(cfg.work_dir)
-        run_trainer(cfg, None, lambda line: print(line, flush=True), fd)
+        with work_dir_lock(cfg.work_dir):  # as the flow holds it: the trainer shares it
+            run_trainer(cfg, None, lambda line: print(line, flush=True))
     """)], cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         for line in launcher.stdout:  # wait until the trainer is updating
@@ -139,3 +139,28 @@ def test_killing_the_launcher_ends_its_trainer_and_frees_the_work_dir(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again: raises BlockingIOError if anyone still holds it
     finally:
         os.close(fd)
+
+
+def test_the_lock_held_in_a_with_block_is_what_the_trainer_inherits_and_is_released_after(tmp_path):
+    from steps.common import WORK_DIR_LOCK_FD, held_lock, lock_work_dir, work_dir_lock
+
+    cfg = config(tmp_path, tmp_path / "run", nproc=1)
+    assert WORK_DIR_LOCK_FD not in trainer_commands(cfg, run_id=None)[0][1]  # nothing held: the trainer locks for itself
+    with work_dir_lock(cfg.work_dir) as fd:
+        assert held_lock(cfg.work_dir) == fd
+        [(_, env)] = trainer_commands(cfg, run_id=None)
+        assert env[WORK_DIR_LOCK_FD] == str(fd)
+    assert held_lock(cfg.work_dir) is None
+    os.close(lock_work_dir(cfg.work_dir))  # released: it can be taken again
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
+    from steps.common import lock_path, lock_work_dir
+
+    work_dir = tmp_path / "run"
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    lock_path(work_dir).symlink_to(victim)
+    with pytest.raises(InputError, match="symbolic link"):
+        lock_work_dir(work_dir)
+    assert victim.read_text() == "keep me"

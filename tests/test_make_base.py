@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from steps import make_base
-from steps.checkpoints import sha256_file
+from steps.common import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data/base/standin.safetensors"
