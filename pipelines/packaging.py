@@ -86,12 +86,16 @@ def model_config_for(cfg: FinetuneConfig, adapter_config: dict[str, Any]) -> dic
 
     `init_checkpoint` is empty on purpose: it is the load-time override
     (`mlflow.pyfunc.load_model(uri, model_config={"init_checkpoint": ...})`); otherwise the model uses
-    $LORA_NLG_BASE_CHECKPOINT, then `base_path`, the path recorded here (if it still exists).
+    $LORA_NLG_BASE_CHECKPOINT, then `base_path`, the path recorded here (if it still exists). The config also states
+    the per-request bounds a server holds requests to (max_rows, max_beam, max_eval_len, max_request_tokens,
+    max_request_seconds: `request_bounds` in pipelines/pyfunc_model.py).
     """
+    from pipelines.pyfunc_model import request_bounds  # the model's code owns its bounds (and their defaults)
+
     base = adapter_config.get("base") or {}
     recorded = base.get("path") or cfg.trainer["init_checkpoint"]
     eos = cfg.decode["eos_token_id"]
-    return {
+    config = {
         "init_checkpoint": "",
         "base_path": str(cfg.path(recorded)),
         "base_sha256": base.get("sha256") or "",
@@ -109,6 +113,9 @@ def model_config_for(cfg: FinetuneConfig, adapter_config: dict[str, Any]) -> dic
         "batch_size": int(cfg.decode["batch_size"]),
         "add_bos": bool(cfg.params.get("encode", {}).get("add_bos", True)),
     }
+    # Per-request bounds a server holds every request to (rows, beam, eval_len, rows x beam x eval_len, seconds):
+    # the defaults for these decoding settings, written out so the logged model states them.
+    return {**config, **request_bounds(config)}
 
 
 def pip_requirements() -> list[str]:
@@ -186,19 +193,19 @@ def log_adapter_model(cfg: FinetuneConfig, run_id: str) -> Any:
     """
     import pandas as pd
 
-    adapter_files = ["adapter.safetensors", "adapter_config.json"]
-    missing = [name for name in adapter_files if not (cfg.work_dir / name).is_file()]
+    adapter_files = [cfg.work.adapter, cfg.work.adapter_config]
+    missing = [path.name for path in adapter_files if not path.is_file()]
     if missing:
         raise InputError(f"no final adapter ({', '.join(missing)} missing); with finetune.lora_dim 0 there is no adapter to register",
                          cfg.work_dir)
-    adapter_config = json.loads((cfg.work_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    adapter_config = json.loads(cfg.work.adapter_config.read_text(encoding="utf-8"))
     model_config = model_config_for(cfg, adapter_config)
     example = pd.DataFrame({"meaning_representation": example_contexts(cfg)})
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = Path(tmp) / "adapter"
         adapter_dir.mkdir()
-        for name in adapter_files:
-            shutil.copy2(cfg.work_dir / name, adapter_dir / name)
+        for path in adapter_files:
+            shutil.copy2(path, adapter_dir / path.name)
         code_dir = staged_code(Path(tmp) / "code")
         # log_model needs the fluent API, whose store is process-wide: fluent_store sets it for this block only.
         with fluent_store(cfg.tracking_uri), quiet_param_clash():
