@@ -257,17 +257,18 @@ def run_trainer_variant(variant: str, settings: dict[str, Any], plan: list[list[
     trainer = make_trainer(settings, variant, work_dir)
     if [u[0] for u in trainer.epoch_plan(1)[: len(plan)]] != plan[: trainer.updates_per_epoch]:
         raise RuntimeError("the trainer's update plan differs from the benchmark's: the variants would not see the same data")
+    static = trainer.cfg.shapes == "static"
     if variant == "reference":
-        trainer.loss_module = ReferenceLossModule(trainer.model, trainer.cfg.label_smooth)
-    trainer.loss_module.train()
+        trainer.updater.loss_module = ReferenceLossModule(trainer.model, trainer.cfg.label_smooth)
+    trainer.model.train()
     parity = None
-    if trainer.cfg.precision == "fp32" and not trainer.static:
-        parity = first_batch_loss(trainer.loss_module, trainer.next_update_batches()[0])
+    if trainer.cfg.precision == "fp32" and not static:
+        parity = first_batch_loss(trainer.updater.loss_module, trainer.next_update_batches()[0])
         trainer.update_in_epoch = 0  # replay the plan from its first update
     warmup, timed = settings["warmup"], settings["updates"]
     graphs = start_static_updater(trainer, warmup + timed)
-    if trainer.static:  # the positions a static update computes: rows x the length bucket
-        graphs["padded_tokens"] = [len(u) * trainer.shapes.bucket(max(trainer.lengths[i] for i in u), 0, len(u))[0]
+    if static:  # the positions a static update computes: rows x the length bucket
+        graphs["padded_tokens"] = [len(u) * trainer.updater.shapes.bucket(max(trainer.lengths[i] for i in u), 0, len(u))[0]
                                    for u in plan[warmup : warmup + timed]]
     times = time_updates(lambda: trainer.train_update(trainer.next_update_batches()), warmup, timed, trainer.env.device)
     meter = trainer.meter
@@ -278,14 +279,14 @@ def run_trainer_variant(variant: str, settings: dict[str, Any], plan: list[list[
 
 def start_static_updater(trainer, updates: int) -> dict[str, Any]:
     """Start the static-shape updater as Trainer.fit does; with graphs, the numbers of the recording."""
-    if trainer.updater is None:
+    if trainer.cfg.shapes != "static":
         return {}
     use_graphs = trainer.updater.use_graphs
-    trainer.updater.start(trainer.planned_buckets(updates) if use_graphs else set(), trainer.cfg.train_batch_size)
+    trainer.updater.start(lambda: trainer.upcoming_micro_batches(updates))
     if not use_graphs:
         return {"graphs": 0}
     graphs = len(trainer.updater.graphs)
-    paper_buckets = len(trainer.planned_buckets(PAPER_UPDATES))  # host-side plan only: cheap
+    paper_buckets = len(trainer.updater.buckets_of(trainer.upcoming_micro_batches(PAPER_UPDATES)))  # host-side plan only
     return {"graphs": graphs, "graph_build_s": round(trainer.updater.build_seconds, 2),
             "paper_run_graphs": paper_buckets,
             "paper_run_graph_build_s": round(trainer.updater.build_seconds / max(graphs, 1) * paper_buckets, 2)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from steps.data import Example, collate
+from steps.distributed import Dist
 from steps.lora import dropout_seed, use_dropout_generator
 from steps.loss import static_lm_loss, token_mean_scale
 from steps.model import GPT2
@@ -90,15 +92,22 @@ class StaticUpdater:
     trainer must zero them in place too (a graph keeps their addresses).
     """
 
-    def __init__(self, model: GPT2, optimizer: CapturableAdamW, meters: dict[str, Any], *, label_smooth: float, clip: float,
-                 amp_dtype: torch.dtype | None, seed: int, rank: int, world: int, use_graphs: bool):
+    optimizer_class = CapturableAdamW
+
+    def __init__(self, model: GPT2, optimizer: CapturableAdamW, meters: dict[str, Any], env: Dist, cfg: Any, *,
+                 amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None = None):
+        """`cfg`: the trainer's TrainConfig, resolved (`--shapes static`); `scaler` is unused (fp16 cannot run here)."""
         self.model, self.optimizer, self.meters = model, optimizer, meters
-        self.label_smooth, self.clip, self.amp_dtype = label_smooth, clip, amp_dtype
-        self.seed, self.rank, self.world = seed, rank, world
+        self.label_smooth, self.clip, self.amp_dtype = cfg.label_smooth, cfg.clip, amp_dtype
+        self.seed, self.rank, self.world = cfg.random_seed, env.rank, env.world
+        self.shapes = Shapes(cfg.length_multiple, cfg.loss_multiple, model.config.n_positions)
+        self.rows = cfg.train_batch_size
+        self.pad_to = cfg.seq_len if cfg.pad == "fixed" else None
+        use_graphs = cfg.cuda_graphs == "on"
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.device = self.trainable[0].device
         self.flat_grad = attach_flat_grads(self.trainable)
-        if world > 1:  # what DDP's constructor does: every rank starts from rank 0's weights
+        if self.world > 1:  # what DDP's constructor does: every rank starts from rank 0's weights
             for p in self.trainable:
                 dist.broadcast(p.data, src=0)
         self.generator = torch.Generator(device=self.device)
@@ -111,6 +120,23 @@ class StaticUpdater:
         self.eager_micro_batches = 0  # micro-batches whose bucket had no graph (graphs on): run eagerly, same result
         self.capture_error = ""  # why the graphs could not be recorded, when they could not (then the update runs eagerly)
         self.build_seconds = 0.0
+
+    def prepare(self, micro_batches: list[list[Example]], pad_to: int | None) -> list[dict[str, Any]]:
+        """Host tensors in each micro-batch's bucket shapes: the update copies them into the bucket's buffers."""
+        return [static_batch(examples, self.shapes, pad_to) for examples in micro_batches]
+
+    def describe(self) -> str:
+        shapes = f"static shapes (length x{self.shapes.length_multiple}, loss positions x{self.shapes.loss_multiple})"
+        if self.capture_error:
+            return f"{shapes}, eager: the CUDA graphs could not be recorded ({self.capture_error}); --cuda_graphs off skips trying"
+        if not self.use_graphs:
+            return shapes + ", eager"
+        return f"{shapes}, {len(self.graphs)} CUDA graphs recorded in {self.build_seconds:.1f} s"
+
+    def buckets_of(self, micro_batches: Iterable[list[Example]]) -> set[Bucket]:
+        """The buckets these micro-batches fall in (computed from their lengths alone, on the host)."""
+        return {self.shapes.bucket(self.pad_to or max(len(e.input) for e in examples), sum(1 for e in examples for m in e.mask if m),
+                                   len(examples)) for examples in micro_batches}
 
     # -- the step bodies: exactly what a graph records
 
@@ -188,8 +214,9 @@ class StaticUpdater:
 
     # -- CUDA graphs
 
-    def start(self, buckets: set[Bucket], rows: int) -> None:
-        """Ready to train: optimizer state on the device and, with graphs, one graph per bucket recorded now.
+    def start(self, upcoming: Callable[[], Iterable[list[Example]]]) -> None:
+        """Ready to train: optimizer state on the device and, with graphs, one graph for each bucket of the `upcoming`
+        micro-batches (every one the run has left), recorded now.
 
         Call it after a resume has loaded the optimizer state (the graphs point at that state's memory).
         """
@@ -197,7 +224,7 @@ class StaticUpdater:
         if self.use_graphs:
             started = time.perf_counter()
             try:
-                self.capture(sorted(buckets), rows)
+                self.capture(sorted(self.buckets_of(upcoming())), self.rows)
             except RuntimeError as exc:
                 # A capture this GPU, driver or torch build refuses must not cost the run: the same static update,
                 # eagerly (the result is the same; only the speed differs). The trainer reports it.

@@ -20,29 +20,29 @@ The work dir gets the adapter, `checkpoints/step_N/`, `best/`, `resume/state.pt`
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from steps import checkpoints as ckpt
 from steps import reports, runtime
 from steps.adapters import start_from_adapter
 from steps.common import InputError, TrainingDiverged, claim_outputs, die_with_parent, run_stage, write_json
-from steps.data import EpochPlan, collate, epoch_updates, load_splits, shard_sequential
+from steps.data import EpochPlan, Example, collate, epoch_updates, load_splits, shard_sequential
 from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
-from steps.lora import LoRAConfig, dropout_seed, mark_only_lora_trainable, parse_targets, use_dropout_generator
-from steps.loss import LossModule, masked_lm_loss, token_mean_scale
+from steps.dynamic_update import DynamicUpdater
+from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
+from steps.loss import masked_lm_loss
 from steps.model import GPT2, card
-from steps.optim import AdamW, CapturableAdamW, build_scheduler, param_groups_for
-from steps.static_update import Bucket, Shapes, StaticUpdater, static_batch
+from steps.optim import build_scheduler, param_groups_for
+from steps.static_update import StaticUpdater
 from steps.tracking import RunLogger
 from steps.train_config import TrainConfig, fingerprint, parse_config, resolve_fast_path, resolve_max_step, setup_warnings
 from steps.train_status import record_failure, write_status
@@ -85,7 +85,6 @@ class Trainer:
         cfg = replace(cfg, precision=resolve_precision(cfg.precision, env.device))
         cfg = resolve_fast_path(cfg, env.device.type)
         self.cfg, self.env = cfg, env
-        self.static = cfg.shapes == "static"
         self.work = WorkDir(cfg.work_dir)
         self.model, self.notes = build_model(cfg)
         self.train_set, self.valid_set = load_splits(cfg.train_data, cfg.valid_data, cfg.seq_len, cfg.obj, cfg.truncation,
@@ -95,13 +94,9 @@ class Trainer:
         if self.amp_dtype is not None and self.model.lora_config is not None:
             self.model.store_frozen_matrices_in(self.amp_dtype)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        loss_module = LossModule(self.model, cfg.label_smooth)
-        if env.world > 1 and not self.static:  # the static update all-reduces its flat gradient itself
-            loss_module = nn.parallel.DistributedDataParallel(
-                loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                broadcast_buffers=False, gradient_as_bucket_view=True)
-        self.loss_module = loss_module
-        self.optimizer = (CapturableAdamW if self.static else AdamW)(
+        # The update: dynamic shapes (the reference, steps/dynamic_update.py) or static ones (steps/static_update.py).
+        updater_class = StaticUpdater if cfg.shapes == "static" else DynamicUpdater
+        self.optimizer = updater_class.optimizer_class(
             param_groups_for(self.model.named_parameters(), cfg.weight_decay, cfg.no_decay_bias),
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epislon,
             weight_decay=cfg.weight_decay, correct_bias=cfg.correct_bias)
@@ -126,17 +121,7 @@ class Trainer:
         self.progress: tqdm | None = None
         zero = torch.zeros((), device=env.device)
         self.meter: dict[str, Any] = {"loss": zero.clone(), "nll": zero.clone(), "tokens": zero.clone(), "updates": 0, "seconds": 0.0}
-        self.shapes = Shapes(cfg.length_multiple, cfg.loss_multiple, self.model.config.n_positions)
-        self.loss_counts = [sum(1 for m in e.mask if m) for e in self.train_set]
-        self.updater: StaticUpdater | None = None
-        self.dropout_generator: torch.Generator | None = None
-        if self.static:
-            self.updater = StaticUpdater(self.model, self.optimizer, self.meter, label_smooth=cfg.label_smooth, clip=cfg.clip,
-                                         amp_dtype=self.amp_dtype, seed=cfg.random_seed, rank=env.rank, world=env.world,
-                                         use_graphs=cfg.cuda_graphs == "on")
-        else:
-            self.dropout_generator = torch.Generator(device=env.device)
-            use_dropout_generator(self.model, self.dropout_generator)
+        self.updater = updater_class(self.model, self.optimizer, self.meter, env, cfg, amp_dtype=self.amp_dtype, scaler=self.scaler)
 
     # -- bookkeeping
 
@@ -167,70 +152,32 @@ class Trainer:
         micro_batches = self._plan[self.update_in_epoch]
         self.update_in_epoch += 1
         pad_to = self.cfg.seq_len if self.cfg.pad == "fixed" else None
-        if self.static:  # host tensors: the updater copies them into its bucket's buffers
-            return [static_batch([self.train_set[i] for i in indices], self.shapes, pad_to) for indices in micro_batches]
-        return [{k: v.to(self.env.device, non_blocking=True) for k, v in collate([self.train_set[i] for i in indices], pad_to).items()}
-                for indices in micro_batches]
+        return self.updater.prepare([[self.train_set[i] for i in indices] for indices in micro_batches], pad_to)
 
-    def planned_buckets(self, until_step: int) -> set[Bucket]:
-        """Every static-shape bucket the updates from now to `until_step` will use, from the host-side plan alone."""
-        buckets: set[Bucket] = set()
+    def upcoming_micro_batches(self, until_step: int) -> Iterator[list[Example]]:
+        """The examples of every micro-batch of this rank's updates from now to `until_step`, from the plan alone."""
         epoch, update = self.epoch, self.update_in_epoch
         plans: dict[int, EpochPlan] = {}
-        length_of = (lambda i: self.cfg.seq_len) if self.cfg.pad == "fixed" else (lambda i: self.lengths[i])
         for _ in range(self.step, until_step):
             if update >= self.updates_per_epoch:
                 epoch, update = epoch + 1, 0
-            plan = plans.setdefault(epoch, self.epoch_plan(epoch))
-            for indices in plan[update]:
-                buckets.add(self.shapes.bucket(max(length_of(i) for i in indices), sum(self.loss_counts[i] for i in indices), len(indices)))
+            for indices in plans.setdefault(epoch, self.epoch_plan(epoch))[update]:
+                yield [self.train_set[i] for i in indices]
             update += 1
-        return buckets
 
     # -- one update
 
     def train_update(self, group: list[dict[str, Any]]) -> None:
-        if self.updater is not None:  # static shapes (steps/static_update.py): replayed CUDA graphs, or the same step eagerly
-            self.updater.run_update(group, self.step)
-        else:
-            self.dynamic_update(group)
+        self.updater.run_update(group, self.step)
         self.scheduler.step()
         self.step += 1
-
-    def dynamic_update(self, group: list[dict[str, torch.Tensor]]) -> None:
-        """The reference update: each micro-batch in its own shape, DDP's all-reduce, the int-step AdamW."""
-        cfg, env = self.cfg, self.env
-        tokens = sum(b["mask"].sum() for b in group)
-        (global_tokens,) = env.all_sum(tokens)
-        scale = token_mean_scale(env.world, global_tokens)
-        for i, batch in enumerate(group):
-            # Dropout masks depend only on (seed, rank, step, micro-batch): a resumed run draws the same ones.
-            self.dropout_generator.manual_seed(dropout_seed(cfg.random_seed, env.rank, self.step, i))
-            sync = i == len(group) - 1
-            with self._no_sync(sync), torch.autocast(env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss_sum, nll_sum = self.loss_module(batch)
-            self.scaler.scale(loss_sum * scale).backward()
-            self.meter["loss"] += loss_sum.detach()
-            self.meter["nll"] += nll_sum.detach()
-            self.meter["tokens"] += batch["mask"].sum()
-        if cfg.clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _no_sync(self, sync: bool):
-        if self.env.world > 1 and not sync:
-            return self.loss_module.no_sync()
-        return contextlib.nullcontext()
 
     # -- evaluation, logging, checkpoints
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted validation NLL over the whole set, each example counted once on one rank."""
-        self.loss_module.eval()
+        self.model.eval()
         total = torch.zeros((), device=self.env.device)
         tokens = torch.zeros((), device=self.env.device)
         pad_to = self.cfg.seq_len if self.cfg.pad == "fixed" else None
@@ -240,7 +187,7 @@ class Trainer:
                 _, nll_sum = masked_lm_loss(self.model, batch, 0.0)
             total += nll_sum
             tokens += batch["mask"].sum()
-        self.loss_module.train()
+        self.model.train()
         total, tokens = self.env.all_sum(total, tokens)
         return (total / tokens).item()  # load_data made sure tokens > 0
 
@@ -352,22 +299,21 @@ class Trainer:
         if self.env.main:
             self.work.root.mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
-        if self.updater is not None:  # after the resume: graphs point at the optimizer state it loaded
-            self.updater.start(self.planned_buckets(self.max_step) if self.updater.use_graphs else set(), cfg.train_batch_size)
+        self.updater.start(lambda: self.upcoming_micro_batches(self.max_step))  # after the resume: graphs use its optimizer state
         if self.env.main:
             write_status(self.work, "running")
         self.env.barrier()
         n_trainable = sum(p.numel() for p in self.trainable)
         self.log(f"train: {len(self.train_set)} examples, valid: {len(self.valid_set)} | {cfg.model_card} | trainable params "
                  f"{n_trainable:,} | world {self.env.world} on {self.env.device} | {self.updates_per_epoch} updates/epoch, "
-                 f"max_step {self.max_step} | precision {cfg.precision} | {self.fast_path_note()}")
+                 f"max_step {self.max_step} | precision {cfg.precision} | {self.updater.describe()}")
         for warning in [*self.notes, *setup_warnings(cfg, n_trainable)]:
             self.log(warning)
         truncated = sum(e.truncated for e in self.train_set)
         if truncated:
             self.log(f"warning: {truncated} training examples longer than --seq_len {cfg.seq_len} were truncated ({cfg.truncation})")
         started = time.perf_counter()
-        self.loss_module.train()
+        self.model.train()
         # A bar for people at a terminal; logs and pipes get the interval lines only.
         self.progress = tqdm(total=self.max_step, initial=self.step, unit="update", dynamic_ncols=True,
                              disable=not (self.env.main and sys.stderr.isatty()))
@@ -388,16 +334,6 @@ class Trainer:
             self.finish(summary, time.perf_counter() - started)
         self.tracker.close()
         return summary
-
-    def fast_path_note(self) -> str:
-        if not self.static:
-            return "dynamic shapes"
-        shapes = f"static shapes (length x{self.cfg.length_multiple}, loss positions x{self.cfg.loss_multiple})"
-        if self.updater is not None and self.updater.capture_error:
-            return f"{shapes}, eager: the CUDA graphs could not be recorded ({self.updater.capture_error}); --cuda_graphs off skips trying"
-        if self.updater is None or not self.updater.use_graphs:
-            return shapes + ", eager"
-        return f"{shapes}, {len(self.updater.graphs)} CUDA graphs recorded in {self.updater.build_seconds:.1f} s"
 
     def run_one_update(self) -> None:
         cfg = self.cfg

@@ -19,9 +19,9 @@ from steps.beam import BeamConfig
 from steps.data import build_examples, collate
 from steps.decode import search_queries
 from steps.lora import LoRAConfig, mark_only_lora_trainable
+from steps.loss import LossModule, masked_lm_loss
 from steps.model import CARDS, GPT2
 from steps.tokenizer import EOS_ID
-from steps.train import LossModule, masked_lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -186,9 +186,8 @@ def train_until(args: list[str], steps: int) -> None:
     """The trainer's own loop, stopped after `steps` updates: what a crash leaves (checkpoints up to there)."""
     trainer = Trainer(parse_config(args), Dist(0, 1, torch.device("cpu")))
     trainer.work.root.mkdir(parents=True, exist_ok=True)
-    if trainer.updater is not None:
-        trainer.updater.start(set(), trainer.cfg.train_batch_size)
-    trainer.loss_module.train()
+    trainer.updater.start(lambda: trainer.upcoming_micro_batches(trainer.max_step))
+    trainer.model.train()
     while trainer.step < steps:
         trainer.run_one_update()
 
@@ -224,7 +223,7 @@ def test_the_planned_buckets_cover_every_update(tmp_path, pad):
     args = tiny_run_args(tmp_path / "data", tmp_path / "run", max_step=13, shapes="static", bucket_window=16,
                          length_multiple=8, loss_multiple=16, pad=pad, seq_len=60)
     trainer = Trainer(parse_config(args), Dist(0, 1, torch.device("cpu")))
-    planned = trainer.planned_buckets(trainer.max_step)
+    planned = trainer.updater.buckets_of(trainer.upcoming_micro_batches(trainer.max_step))
     seen = set()
     for _ in range(trainer.max_step):  # nothing trained: only the batches are built
         seen |= {batch["bucket"] for batch in trainer.next_update_batches()}
@@ -292,8 +291,8 @@ def cuda_trainer(tmp_path: Path, graphs: str, **overrides) -> Trainer:
     args = tiny_run_args(tmp_path / "data", tmp_path / graphs, device="cuda", shapes="static", cuda_graphs=graphs,
                          lora_dropout=0.1, precision="fp32", **overrides)
     trainer = Trainer(parse_config(args), Dist(0, 1, torch.device("cuda", torch.cuda.current_device())))
-    trainer.updater.start(trainer.planned_buckets(trainer.max_step) if graphs == "on" else set(), trainer.cfg.train_batch_size)
-    trainer.loss_module.train()
+    trainer.updater.start(lambda: trainer.upcoming_micro_batches(trainer.max_step))
+    trainer.model.train()
     return trainer
 
 

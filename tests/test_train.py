@@ -20,8 +20,9 @@ from helpers import pinned_threads, tiny_run_args, write_base
 from steps.checkpoints import load_adapter, load_base_weights, load_resume_state, read_tensors
 from steps.data import build_examples, collate, load_encoded
 from steps.lora import LoRAConfig
+from steps.loss import masked_lm_loss
 from steps.model import CARDS, GPT2
-from steps.train import main, masked_lm_loss
+from steps.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 
