@@ -2,8 +2,9 @@
 
 E2E (`tuetschek/e2e-metrics`, `measure_scores.py -p`, the form the LoRA README runs):
   - BLEU and NIST: our own re-implementation of the scorer's pure-Python mteval-v13a (`pymteval`), including its
-    quirks, so the numbers match to the last digit. `nist_variant="perl"` reproduces the Perl `mteval-v13a-sig.pl`
-    NIST instead (the scorer's default mode), which differs when instances have different numbers of references.
+    quirks, so the numbers match to the last digit. `nist_variant="perl"` reproduces the scorer's default mode instead
+    (its copy of the Perl `mteval-v13a-sig.pl`, which the published E2E challenge numbers come from) for BLEU and
+    NIST together; NIST differs when instances have different numbers of references, BLEU on degenerate outputs.
   - METEOR 1.5, ROUGE-L and CIDEr-D: the MS-COCO caption toolkit's definitions, after Stanford PTB tokenisation with
     lower-casing and punctuation removal. METEOR and the tokeniser are the Java jars shipped in `pycocoevalcap`;
     ROUGE-L and CIDEr-D are re-implemented here (checked against `pycocoevalcap` in the tests) because they are
@@ -122,6 +123,12 @@ def _lower_ascii(tokens: Tokens) -> Tokens:
     return [t.translate(table) for t in tokens]
 
 
+def perl_mteval_tokenize(text: str) -> Tokens:
+    """Words as mteval-v13a-sig.pl sees them: mteval tokenisation, ASCII letters lower-cased, and no empty token
+    (an empty output has no words, where pymteval's has one empty word)."""
+    return [t for t in _lower_ascii(mteval_tokenize(text)) if t]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # BLEU
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,23 +142,29 @@ def corpus_bleu(
 ) -> float:
     """Corpus BLEU with multiple references.
 
-    Both variants: mteval-v13a tokenisation, clipped n-gram hits against the per-n-gram maximum over the instance's
+    All variants: mteval-v13a tokenisation, clipped n-gram hits against the per-n-gram maximum over the instance's
     references, reference length = the one closest to the hypothesis length (ties: the shorter),
     BP = exp(1 - r/c) when c < r.
     variant="pymteval" (the E2E scorer's -p mode): case-insensitive; the per-order candidate total is
     `len(hyp) - n + 1` even when negative (pymteval adds those too); an empty output is one empty word; zero hits
     and totals are floored at 1e-15 / 1e-9 so BLEU is never undefined.
+    variant="perl" (the E2E scorer's default mode: its copy of mteval-v13a-sig.pl, with that script's default
+    smoothing): only ASCII letters are lower-cased, an empty output has no words, totals count real n-grams (clipped
+    at 0), empty references after the first are skipped when picking the closest length (the scorer pads instances
+    with them); an order with no candidate n-grams adds log 1, the k-th order with candidates but no hits adds
+    log(1 / (2^k total)); no output words at all gives BLEU 0.
     variant="multi-bleu-detok" (GenerationEval's BLEU for WebNLG/DART): case-sensitive, only ASCII whitespace
     separates words, totals count real n-grams, an empty output has no words, an empty reference is a 0-word
     reference (it can be the closest length), and any zero precision makes BLEU 0.
     """
-    if variant not in ("pymteval", "multi-bleu-detok"):
-        raise ValueError(f"unknown BLEU variant {variant!r}; expected 'pymteval' or 'multi-bleu-detok'")
-    python = variant == "pymteval"
+    tokenizers = {"pymteval": mteval_tokenize, "perl": perl_mteval_tokenize, "multi-bleu-detok": multi_bleu_tokenize}
+    if variant not in tokenizers:
+        raise ValueError(f"unknown BLEU variant {variant!r}; expected 'pymteval', 'perl' or 'multi-bleu-detok'")
+    python, perl = variant == "pymteval", variant == "perl"
     hits = [0] * max_n
     totals = [0] * max_n
     ref_len = 0
-    tokenize = mteval_tokenize if python else multi_bleu_tokenize
+    tokenize = tokenizers[variant]
     for hyp_text, ref_texts in zip(hypotheses, references, strict=True):
         hyp = tokenize(hyp_text)
         refs = [tokenize(r) for r in ref_texts]
@@ -160,16 +173,38 @@ def corpus_bleu(
         for n in range(1, max_n + 1):
             hits[n - 1] += sum(clipped_hits(hyp, refs, n).values())
             totals[n - 1] += len(hyp) - n + 1 if python else max(len(hyp) - n + 1, 0)
-        ref_len += min((len(r) for r in refs), key=lambda length: (abs(length - len(hyp)), length))
+        lengths = [len(r) for r in refs]
+        if perl:  # the script's brevity_penalty_closest keeps its current length when a reference has no words
+            lengths = lengths[:1] + [length for length in lengths[1:] if length]
+        ref_len += min(lengths, key=lambda length: (abs(length - len(hyp)), length))
     sys_len = totals[0]
     if python:
         log_precision = sum(math.log(max(h, BLEU_TINY) / max(t, BLEU_SMALL)) for h, t in zip(hits, totals)) / max_n
+    elif perl:
+        return _mteval_smoothed_bleu(hits, totals, ref_len)
     elif min(hits) == 0 or ref_len == 0:  # the Perl script prints BLEU = 0 when every closest reference is empty
         return 0.0
     else:
         log_precision = sum(math.log(h / t) for h, t in zip(hits, totals)) / max_n
     brevity = 1.0 if sys_len >= ref_len else math.exp(1.0 - ref_len / (sys_len if sys_len else 1e-5))
     return brevity * math.exp(log_precision)
+
+
+def _mteval_smoothed_bleu(hits: Sequence[int], totals: Sequence[int], ref_len: int) -> float:
+    """mteval-v13a-sig.pl's `bleu_score` (smoothed, its default), step for step so the result is the same double."""
+    if totals[0] == 0:  # no output words: the script's length factor stays 0
+        return 0.0
+    log_precision = 0.0
+    smooth = 1
+    for h, t in zip(hits, totals):
+        if t == 0:
+            continue
+        if h == 0:
+            smooth *= 2
+            log_precision += math.log(1 / (smooth * t))
+        else:
+            log_precision += math.log(h / t)
+    return math.exp(log_precision / len(totals)) * math.exp(min(0.0, 1 - ref_len / totals[0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,11 +271,9 @@ def corpus_nist(
     if variant not in ("python", "perl"):
         raise ValueError(f"unknown NIST variant {variant!r}; expected 'python' or 'perl'")
     perl = variant == "perl"
-    lower = _lower_ascii if perl else _lower
 
     def tokenize(text: str) -> Tokens:
-        tokens = lower(mteval_tokenize(text))
-        return [t for t in tokens if t] if perl else tokens
+        return perl_mteval_tokenize(text) if perl else _lower(mteval_tokenize(text))
 
     hyps = [tokenize(h) for h in hypotheses]
     all_refs = [[tokenize(r) for r in refs] for refs in references]
@@ -680,6 +713,10 @@ def e2e_scores(
 ) -> dict[str, object]:
     """The E2E scorer's five metrics. METEOR is absent (not 0) when `with_meteor` is False.
 
+    `nist_variant` picks the scorer's mode for BLEU and NIST together (METEOR, ROUGE-L and CIDEr are the same in
+    both): "python" = `measure_scores.py -p` (pymteval), "perl" = its default run (mteval-v13a-sig.pl), the one the
+    E2E challenge's published tables come from. (The name predates BLEU following it.)
+
     Also returns `ptb_tokenizer`: "stanford-corenlp-3.4.1" or "python-approximation" (Java missing, METEOR off).
     `progress`, when given, is called with a short label before each metric (for a progress bar).
     The METEOR process starts first: loading its paraphrase table (~10 s) overlaps with BLEU, NIST and the PTB run.
@@ -690,7 +727,7 @@ def e2e_scores(
         meteor = stack.enter_context(Meteor()) if with_meteor else None
         scores: dict[str, object] = {}
         step("BLEU")
-        scores["BLEU"] = corpus_bleu(hypotheses, references)
+        scores["BLEU"] = corpus_bleu(hypotheses, references, variant="perl" if nist_variant == "perl" else "pymteval")
         step("NIST")
         scores["NIST"] = corpus_nist(hypotheses, references, variant=nist_variant)
 

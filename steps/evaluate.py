@@ -1,6 +1,6 @@
 """The evaluate stage: score predictions against references with the official data-to-text metrics.
 
-    python -m steps.evaluate REF_FILE PRED_FILE [--json metrics/eval.json] [--no_meteor] [--nist python|perl]
+    python -m steps.evaluate REF_FILE PRED_FILE [--json metrics/eval.json] [--no_meteor] [--mteval python|perl]
                              [--ref_type e2e|webnlg|dart] [--predictions outputs/predictions.jsonl]
                              [--mlflow_run_file models/mlflow_run.json]
 
@@ -273,7 +273,7 @@ def score(inputs: Inputs, ref_type: str = "e2e", with_meteor: bool = True, nist_
     predictions, references, contexts = inputs
     if ref_type == "e2e":
         scores = e2e_metrics.e2e_scores(predictions, references, with_meteor=with_meteor, nist_variant=nist_variant, progress=progress)
-        impl = "pymteval (measure_scores.py -p)" if nist_variant == "python" else "pymteval BLEU, mteval-v13a.pl NIST"
+        impl = "pymteval (measure_scores.py -p)" if nist_variant == "python" else "mteval-v13a-sig.pl (measure_scores.py default)"
         record: dict[str, Any] = {name: scores[name] for name in e2e_metrics.E2E_METRICS if name in scores}
         record.update(n_instances=len(references), bleu_nist_impl=impl, ptb_tokenizer=scores["ptb_tokenizer"])
     else:
@@ -310,9 +310,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the scores as JSON here (atomically)")
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR (it needs Java); METEOR is then absent from the output, not 0")
     parser.add_argument("--ref_type", choices=REF_TYPES, default="e2e", help="dataset family: which reference layout and metric set (default: e2e)")
-    parser.add_argument("--nist", choices=("python", "perl"), default="python",
-                        help="NIST implementation: python = the scorer's -p mode, as the LoRA README runs it (default); "
-                        "perl = the copy of mteval-v13a-sig.pl inside e2e-metrics, the scorer's default mode (E2E only)")  # fmt: skip
+    parser.add_argument("--mteval", "--nist", dest="nist", choices=("python", "perl"), default="python",
+                        help="E2E BLEU and NIST: python = the scorer's -p mode, as the LoRA README runs it (default); "
+                        "perl = the scorer's default mode (its copy of mteval-v13a-sig.pl), which the published E2E "
+                        "challenge tables come from. --nist is the older name of the same option")  # fmt: skip
     parser.add_argument("--predictions", type=Path, default=None,
                         help="decode's predictions.jsonl; its 'context' fields fill the context column of the MLflow table")  # fmt: skip
     parser.add_argument("--mlflow_run_file", type=Path, default=None,

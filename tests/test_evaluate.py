@@ -18,27 +18,50 @@ needs_java = pytest.mark.skipif(not e2e_metrics.java_available(), reason="java i
 # measure_scores.py -p on sys_tgen_baseline.txt vs e2e_test_refs.txt (shared/data/e2e-eval/README.md).
 OFFICIAL_PY = {"BLEU": 0.659272, "NIST": 8.592267, "METEOR": 0.448260, "ROUGE_L": 0.685023, "CIDEr": 2.233846}
 OFFICIAL_PERL_NIST = 8.6094  # the default (Perl mteval) row; published with 4 decimals
-# e2e-metrics' own mteval/mteval-v13a-sig.pl run on the scorer's SGML layout (every instance padded to 45 reference
-# slots with empty references), its printf widened to 10 decimals: NIST of systems made from sys_tgen_baseline.txt.
-PERL_SCRIPT_NIST = {
-    "tgen": 8.6093776203,
-    "all_empty": 0.0,
-    "first_line_repeated": 0.1353387980,  # the first TGen output for every one of the 630 MRs
-    "every_other_line_empty": 1.1745818941,
-    "first_four_words": 0.0000024365,  # each output cut to its first 4 words: the length penalty dominates
+# (BLEU, NIST) from e2e-metrics' own mteval/mteval-v13a-sig.pl (tuetschek/e2e-metrics at 1b9c4d8), run as its
+# measure_scores.py default mode runs it: its create_mteval_file() writes ref/tst/src .sgm files (every instance
+# padded to 45 reference slots with empty references), then `perl mteval/mteval-v13a-sig.pl -r mteval_ref.sgm
+# -s mteval_src.sgm -t mteval_sys.sgm -f mteval_log.txt`, with the printf of the script's "NIST score = ... BLEU
+# score = ..." line widened from %.4f to %.17e (the unmodified script prints these rounded to 4 decimals), on
+# e2e_test_refs.txt and the systems degenerate_system() makes from sys_tgen_baseline.txt.
+PERL_SCRIPT = {
+    "tgen": (6.59271932781785308e-01, 8.60937762033735332e00),
+    "all_empty": (0.0, 0.0),
+    "first_line_repeated": (8.96924186617790720e-02, 1.35338798010768729e-01),  # TGen's first output for every MR
+    "every_other_line_empty": (3.04026617023602674e-01, 1.17458189414201253e00),
+    "first_four_words": (1.30496033816715675e-02, 2.43645539881092571e-06),  # the length penalties dominate
+    "every_20th_kept": (1.13239547671388633e-07, 1.26355530697271603e-16),  # 598 of 630 outputs empty
+    "first_word": (2.22080337610545189e-09, 1.10163501219048152e-19),
+    "upper_case": (6.39282691197076369e-01, 8.42866655083303762e00),  # CAFÉ: Perl lower-cases it to "cafÉ"
+    "non_ascii_caps": (6.10259980170982486e-01, 7.98860001855170232e00),
+    "mixed_stress": (3.88836179502169310e-01, 3.49889310092913863e00),
+}
+# METEOR, ROUGE_L, CIDEr that measure_scores.py's COCO evaluation (its run_coco_eval) gives for the same systems.
+PERL_MODE_COCO = {
+    "every_20th_kept": (0.025001689968169406, 0.03455385417421916, 0.12035054182366255),
+    "mixed_stress": (0.2939012339459878, 0.42104142783660786, 1.1173660440659803),
 }
 
 
+def _stressed(i: int, text: str) -> str:
+    """Empty, one word, upper case (non-ASCII letters too), non-ASCII capitals appended, unchanged, in turn."""
+    return ["", text.split()[0], text.upper(), text + " ÉCOLE Ölmühle CAFÉ café", text][i % 5]
+
+
 def degenerate_system(name: str, tgen: list[str]) -> list[str]:
-    if name == "tgen":
-        return tgen
-    if name == "all_empty":
-        return [""] * len(tgen)
-    if name == "first_line_repeated":
-        return [tgen[0]] * len(tgen)
-    if name == "every_other_line_empty":
-        return [text if i % 2 == 0 else "" for i, text in enumerate(tgen)]
-    return [" ".join(text.split()[:4]) for text in tgen]
+    systems = {
+        "tgen": lambda: tgen,
+        "all_empty": lambda: [""] * len(tgen),
+        "first_line_repeated": lambda: [tgen[0]] * len(tgen),
+        "every_other_line_empty": lambda: [text if i % 2 == 0 else "" for i, text in enumerate(tgen)],
+        "first_four_words": lambda: [" ".join(text.split()[:4]) for text in tgen],
+        "every_20th_kept": lambda: [text if i % 20 == 0 else "" for i, text in enumerate(tgen)],
+        "first_word": lambda: [text.split()[0] for text in tgen],
+        "upper_case": lambda: [text.upper() for text in tgen],
+        "non_ascii_caps": lambda: [f"ÉCOLE {text} Ölmühle" for text in tgen],
+        "mixed_stress": lambda: [_stressed(i, text) for i, text in enumerate(tgen)],
+    }
+    return systems[name]()
 
 
 def e2e_eval_files(shared_data: Path) -> tuple[Path, Path]:
@@ -76,26 +99,41 @@ def test_csv_references_and_perl_nist_match_the_grouped_text_form(shared_data: P
     csv_refs = shared_data / "e2e-csv" / "testset_w_refs.csv"
     grouped, _ = evaluate.evaluate(refs, preds, with_meteor=False)
     from_csv, table = evaluate.evaluate(csv_refs, preds, with_meteor=False, nist_variant="perl")
-    for name in ("BLEU", "ROUGE_L", "CIDEr"):
+    for name in ("ROUGE_L", "CIDEr"):
         assert from_csv[name] == grouped[name], name
     assert grouped["NIST"] == pytest.approx(OFFICIAL_PY["NIST"], abs=5e-7)
     # Perl NIST: the published 4-decimal number, and the Perl script's own 10 decimals.
     assert round(from_csv["NIST"], 4) == OFFICIAL_PERL_NIST
-    assert from_csv["NIST"] == pytest.approx(PERL_SCRIPT_NIST["tgen"], abs=1e-9)
-    assert from_csv["bleu_nist_impl"] == "pymteval BLEU, mteval-v13a.pl NIST"
+    assert from_csv["NIST"] == pytest.approx(PERL_SCRIPT["tgen"][1], abs=1e-12)
+    assert from_csv["BLEU"] == pytest.approx(PERL_SCRIPT["tgen"][0], abs=1e-12)
+    assert from_csv["bleu_nist_impl"] == "mteval-v13a-sig.pl (measure_scores.py default)"
     assert "METEOR" not in from_csv
     # The CSV carries the MRs: they fill the table's context column, in the references' order.
     assert table["context"][0] == "name[Blue Spice], eatType[coffee shop], area[city centre]"
     assert len(table) == 630
 
 
-@pytest.mark.parametrize("system", sorted(PERL_SCRIPT_NIST))
-def test_perl_nist_matches_the_perl_script_on_degenerate_systems(shared_data: Path, system: str) -> None:
+@pytest.mark.parametrize("system", sorted(PERL_SCRIPT))
+def test_perl_mode_bleu_and_nist_match_the_perl_script_on_degenerate_systems(shared_data: Path, system: str) -> None:
     refs, preds = e2e_eval_files(shared_data)
     references = evaluate.read_grouped_references(refs)
     hypotheses = degenerate_system(system, evaluate.read_text_lines(preds))
-    nist = e2e_metrics.corpus_nist(hypotheses, references, variant="perl")
-    assert nist == pytest.approx(PERL_SCRIPT_NIST[system], abs=1e-9)
+    bleu, nist = PERL_SCRIPT[system]
+    assert e2e_metrics.corpus_bleu(hypotheses, references, variant="perl") == pytest.approx(bleu, rel=1e-12, abs=1e-15)
+    assert e2e_metrics.corpus_nist(hypotheses, references, variant="perl") == pytest.approx(nist, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.slow
+@needs_java
+@pytest.mark.parametrize("system", sorted(PERL_MODE_COCO))
+def test_mteval_perl_mode_gives_all_five_perl_scorer_numbers(shared_data: Path, tmp_path: Path, system: str) -> None:
+    refs, preds = e2e_eval_files(shared_data)
+    system_file = write(tmp_path / "sys.txt", "".join(line + "\n" for line in degenerate_system(system, evaluate.read_text_lines(preds))))
+    record, _ = evaluate.evaluate(refs, system_file, nist_variant="perl")
+    expected = dict(zip(e2e_metrics.E2E_METRICS, PERL_SCRIPT[system] + PERL_MODE_COCO[system], strict=True))
+    for name, value in expected.items():
+        assert record[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+    assert evaluate.parse_args([str(refs), str(system_file), "--mteval", "perl"]).nist == "perl"
 
 
 def test_python_tokenizer_fallback_gives_the_official_rouge_and_cider(shared_data: Path, monkeypatch, capsys) -> None:
@@ -317,5 +355,5 @@ def test_help_explains_every_option(capsys) -> None:
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--help"])
     text = capsys.readouterr().out
-    for option in ("--json", "--no_meteor", "--ref_type", "--nist", "--predictions", "--mlflow_run_file"):
+    for option in ("--json", "--no_meteor", "--ref_type", "--mteval", "--nist", "--predictions", "--mlflow_run_file"):
         assert option in text

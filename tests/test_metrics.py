@@ -119,6 +119,40 @@ def test_bleu_adds_negative_ngram_totals_of_short_hypotheses_like_pymteval() -> 
     assert m.corpus_bleu(["a b c d e f", "x"], [["a b c d e f"], ["x"]], variant="multi-bleu-detok") == pytest.approx(1.0)
 
 
+# The E2E scorer's default (Perl) run: mteval-v13a-sig.pl's smoothed BLEU. Checked against the script itself on
+# degenerate E2E systems in tests/test_evaluate.py; here each rule by hand.
+
+
+def test_perl_bleu_empty_output_has_no_words_and_only_ascii_letters_are_lower_cased() -> None:
+    # Instance 1: "CAFÉ" becomes "cafÉ", not "café": hits 2/3 (au, lait), 1/2 (au lait), 0/1 (the first order without
+    # hits: 1/(2*1)); no 4-grams at all, so order 4 adds log 1. Instance 2: the empty output adds no words; the
+    # closest reference to 0 words is "x y" (2). c = 3, r = 3 + 2 = 5.
+    hyps, refs = ["CAFÉ au lait", ""], [["café au lait"], ["x y"]]
+    expected = math.exp((math.log(2 / 3) + math.log(1 / 2) + math.log(1 / 2)) / 4) * math.exp(1 - 5 / 3)
+    assert m.corpus_bleu(hyps, refs, variant="perl") == pytest.approx(expected, rel=1e-12)
+    # pymteval lower-cases "É" and counts the empty output as one word: a different number.
+    assert m.corpus_bleu(hyps, refs) != pytest.approx(expected, rel=1e-3)
+    assert m.perl_mteval_tokenize("") == [] and m.mteval_tokenize("") == [""]
+    assert m.corpus_bleu(["", ""], refs, variant="perl") == 0.0  # no output words: the script's length factor is 0
+
+
+def test_perl_bleu_totals_count_real_ngrams_and_zero_hits_are_smoothed() -> None:
+    # Totals are clipped at 0 (pymteval's negative ones give sqrt 2 here): every precision is 1.
+    assert m.corpus_bleu(["a b c d e f", "x"], [["a b c d e f"], ["x"]], variant="perl") == pytest.approx(1.0, abs=1e-12)
+    # The k-th order with n-grams but no hits counts 1 / (2^k total) hits: p = 1/4, 1/(2*3), 1/(4*2), 1/(8*1).
+    expected = math.exp((math.log(1 / 4) + math.log(1 / 6) + math.log(1 / 8) + math.log(1 / 8)) / 4)
+    assert m.corpus_bleu(["the the the the"], [["the cat"]], variant="perl") == pytest.approx(expected, rel=1e-12)
+
+
+def test_perl_bleu_skips_empty_padding_references_after_the_first() -> None:
+    # The scorer pads instances with empty references; the script's closest-length rule skips them, so r = 4 and
+    # BP = exp(1 - 4/2) (orders 3 and 4 have no n-grams: log 1).
+    assert m.corpus_bleu(["a b"], [["a b c d", ""]], variant="perl") == pytest.approx(math.exp(-1), rel=1e-12)
+    assert m.corpus_bleu(["a b"], [["a b c d"]], variant="perl") == pytest.approx(math.exp(-1), rel=1e-12)
+    # ...but the first reference's length is where it starts: 0 and 4 are equally far from 2, the shorter stays.
+    assert m.corpus_bleu(["a b"], [["", "a b c d"]], variant="perl") == pytest.approx(1.0, abs=1e-12)
+
+
 # ---------------------------------------------------------------- NIST
 
 # Two instances: ("a b c" | refs "a b c", "a b d e") and ("a" | ref "a b"). Reference words pooled: 9;
