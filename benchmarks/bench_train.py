@@ -222,7 +222,8 @@ def trainer_args(encoded: Path, settings: dict[str, Any], variant: str, work_dir
 
     precision, pad, bucket_window, shapes, graphs = TRAINER_VARIANTS[variant]
     precision = resolve_precision(precision, torch.device(settings["device"]))  # as steps.train.main does
-    argv = ["--shapes", shapes, "--cuda_graphs", graphs,"--train_data", str(encoded), "--valid_data", str(encoded), "--model_card", settings["model_card"],
+    argv = ["--shapes", shapes, "--cuda_graphs", graphs, "--train_data", str(encoded), "--valid_data", str(encoded),
+            "--model_card", settings["model_card"],
             "--train_batch_size", str(settings["batch"]), "--random_seed", str(settings["seed"]), "--correct_bias",
             "--precision", precision, "--pad", pad, "--bucket_window", str(bucket_window), "--work_dir", work_dir,
             "--device", settings["device_type"], "--scheduler", "linear", "--log_interval", "1000000", "--eval_interval", "1000000"]
@@ -428,7 +429,8 @@ def summarise(variant: str, settings: dict[str, Any], measured: dict[str, Any], 
     computed = measured.pop("padded_tokens", counts["padded_tokens"])
     computed = computed if variant != "reference" else [len(u) * RECIPE["seq_len"] for u in timed_plan]
     result = {
-        "variant": variant, "label": VARIANTS[variant].replace("(auto,", f"(auto = {measured.get('precision')},"), "timed_updates": n, "seconds": round(seconds, 3),
+        "variant": variant, "label": VARIANTS[variant].replace("(auto,", f"(auto = {measured.get('precision')},"),
+        "timed_updates": n, "seconds": round(seconds, 3),
         "ms_per_update": 1000 * seconds / n, "ms_per_update_median": 1000 * statistics.median(times),
         "examples_per_s": settings["batch"] * n / seconds, "tokens_per_s": sum(counts["tokens"]) / seconds,
         "padding_share": 1 - sum(counts["tokens"]) / sum(computed),

@@ -135,7 +135,8 @@ def read_reference_dir(path: Path) -> list[list[str]]:
     columns = [read_raw_lines(p) for _, p in files]
     for (_, p), column in zip(files, columns):
         if len(column) != len(columns[0]):
-            raise InputError(f"has {len(column)} lines but {files[0][1].name} has {len(columns[0])}; every reference file needs one line per instance", p)
+            raise InputError(f"has {len(column)} lines but {files[0][1].name} has {len(columns[0])}; every reference file "
+                             "needs one line per instance", p)
     rows = [list(row) for row in zip(*columns)]
     blank = next((j for j, row in enumerate(rows) if not any(ref.strip() for ref in row)), None)
     if blank is not None:
@@ -153,7 +154,8 @@ def load_references(ref_path: Path, ref_type: str) -> tuple[list[list[str]], lis
     """References per instance, and the MRs when the file carries them (the CSV form)."""
     if ref_type == "e2e":
         if ref_path.is_dir():
-            raise InputError("is a directory; for E2E give the grouped reference file or the CSV (use --ref_type webnlg|dart for reference0..N files)", ref_path)
+            raise InputError("is a directory; for E2E give the grouped reference file or the CSV (use --ref_type webnlg|dart "
+                             "for reference0..N files)", ref_path)
         if ref_path.suffix.lower() in (".csv", ".tsv"):
             mrs, refs = read_csv_references(ref_path)
             return refs, mrs
@@ -202,7 +204,8 @@ def read_contexts(path: Path, n_instances: int) -> list[str]:
             raise InputError('expected an object with a string "context" field on every line', path, line)
         contexts.setdefault(context, None)
     if len(contexts) != n_instances:
-        raise InputError(f"has {len(contexts)} distinct contexts but the references have {n_instances} instances; pass the predictions.jsonl of this test set", path)
+        raise InputError(f"has {len(contexts)} distinct contexts but the references have {n_instances} instances; "
+                         "pass the predictions.jsonl of this test set", path)
     return list(contexts)
 
 

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input", nargs="?", help="original form: an E2E `MR||ref` text file")
     parser.add_argument("output", nargs="?", help="original form: the formatted JSONL file to write")
-    parser.add_argument("--dataset", choices=DATASETS, help="which raw dataset to read (the offline sample is e2e: python -m steps.sample_data writes its files)")
+    parser.add_argument("--dataset", choices=DATASETS,
+                        help="which raw dataset to read (the offline sample is e2e: python -m steps.sample_data writes its files)")
     parser.add_argument("--raw_dir", help="directory with the raw release files (default: data/raw/<dataset>)")
     parser.add_argument("--out_dir", default="data/formatted", help="where train.jsonl, valid.jsonl and test.jsonl go")
     parser.add_argument(

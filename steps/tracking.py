@@ -139,7 +139,8 @@ class RunLogger:
         if self._thread.is_alive():
             warn(f"MLflow logging did not finish within {self.close_timeout:.0f}s; some metrics or checkpoints may be missing from run {self.run_id}")
         elif not self._outbox.empty():
-            warn(f"gave up sending {len(self._outbox.metrics)} metric points and {len(self._outbox.uploads)} artifact dirs to MLflow run {self.run_id}")
+            warn(f"gave up sending {len(self._outbox.metrics)} metric points and {len(self._outbox.uploads)} artifact dirs "
+                 f"to MLflow run {self.run_id}")
         if self._staging is not None and not self._thread.is_alive():
             shutil.rmtree(self._staging, ignore_errors=True)
 

@@ -13,7 +13,8 @@ from steps.common import InputError
 from steps.tokenizer import get_tokenizer, packaged_vocab_dir
 
 # The verified output of the original gpt2_encode.py --add_bos --add_eos.
-REFERENCE_LINE = {"context": "name : Blue Spice | Type : coffee shop | area : city centre", "completion": "A coffee shop in the city centre area called Blue Spice ."}
+REFERENCE_LINE = {"context": "name : Blue Spice | Type : coffee shop | area : city centre",
+                  "completion": "A coffee shop in the city centre area called Blue Spice ."}
 REFERENCE_CONTEXT = [3672, 1058, 4518, 43537, 930, 5994, 1058, 6891, 6128, 930, 1989, 1058, 1748, 7372]
 REFERENCE_COMPLETION = [317, 6891, 6128, 287, 262, 1748, 7372, 1989, 1444, 4518, 43537, 764]
 

@@ -49,9 +49,11 @@ def test_straight_double_quotes_become_treebank_quotes(line: str, tokens: list[s
 @pytest.mark.parametrize(
     ("line", "tokens"),
     [
-        ("the tower , which is 1,000 m tall , opened at 10:30 .", ["the", "tower", ",", "which", "is", "1,000", "m", "tall", ",", "opened", "at", "10:30", "."]),
+        ("the tower , which is 1,000 m tall , opened at 10:30 .",
+         ["the", "tower", ",", "which", "is", "1,000", "m", "tall", ",", "opened", "at", "10:30", "."]),
         ("It isn't the U.S. Army's.", ["It", "is", "n't", "the", "U.S.", "Army", "'s", "."]),
-        ("Wait... what?! (yes) -- no; $5 & 10% @home #1*", ["Wait", "...", "what", "?", "!", "(", "yes", ")", "--", "no", ";", "$", "5", "&", "10", "%", "@", "home", "#", "1", "*"]),
+        ("Wait... what?! (yes) -- no; $5 & 10% @home #1*",
+         ["Wait", "...", "what", "?", "!", "(", "yes", ")", "--", "no", ";", "$", "5", "&", "10", "%", "@", "home", "#", "1", "*"]),
         ("the dogs' bowl", ["the", "dogs", "'", "bowl"]),
         ("'tis 'twas", ["'t", "is", "'t", "was"]),
         ("“Curly” «quotes»", ["“", "Curly", "”", "«", "quotes", "»"]),

@@ -308,7 +308,8 @@ def test_bad_e2e_csv(tmp_path, capsys, content, match):
 def test_malformed_json_names_the_line(tmp_path, capsys):
     raw = write_json_splits(tmp_path / "raw", datasets.WEBNLG_FILES, WEBNLG)
     (raw / "test.json").write_text('{"entries": [\n  {"1": \n  oops}\n]}', encoding="utf-8")
-    assert_fails(capsys, tmp_path / "out", "--dataset", "webnlg", "--raw_dir", raw, "--out_dir", tmp_path / "out", match="test.json:3: malformed JSON")
+    assert_fails(capsys, tmp_path / "out", "--dataset", "webnlg", "--raw_dir", raw, "--out_dir", tmp_path / "out",
+                 match="test.json:3: malformed JSON")
 
 
 @pytest.mark.parametrize(
@@ -332,7 +333,8 @@ def test_bad_webnlg_entry(tmp_path, capsys):
     raw = write_json_splits(tmp_path / "raw", datasets.WEBNLG_FILES, WEBNLG)
     broken = {"entries": [{"1": {"category": "City", "lexicalisations": []}}]}
     (raw / "dev.json").write_text(json.dumps(broken), encoding="utf-8")
-    assert_fails(capsys, tmp_path / "out", "--dataset", "webnlg", "--raw_dir", raw, "--out_dir", tmp_path / "out", match="entries[0]: missing or malformed field 'modifiedtripleset'")
+    assert_fails(capsys, tmp_path / "out", "--dataset", "webnlg", "--raw_dir", raw, "--out_dir", tmp_path / "out",
+                 match="entries[0]: missing or malformed field 'modifiedtripleset'")
 
 
 def test_unknown_dataset(tmp_path, capsys):
@@ -346,8 +348,10 @@ def test_unknown_dataset(tmp_path, capsys):
 def test_missing_split_names_the_expected_file(tmp_path, capsys):
     raw = write_json_splits(tmp_path / "raw", datasets.WEBNLG_FILES, WEBNLG)
     (raw / "test.json").unlink()
-    assert_fails(capsys, tmp_path / "out", "--dataset", "webnlg", "--raw_dir", raw, "--out_dir", tmp_path / "out", match="missing test.json for the test split")
-    assert_fails(capsys, tmp_path / "out", "--dataset", "e2e", "--raw_dir", tmp_path / "empty_dir_missing", "--out_dir", tmp_path / "out", match="raw data directory not found")
+    assert_fails(capsys, tmp_path / "out", "--dataset", "webnlg", "--raw_dir", raw, "--out_dir", tmp_path / "out",
+                 match="missing test.json for the test split")
+    assert_fails(capsys, tmp_path / "out", "--dataset", "e2e", "--raw_dir", tmp_path / "empty_dir_missing", "--out_dir", tmp_path / "out",
+                 match="raw data directory not found")
     (tmp_path / "nothing").mkdir()
     assert_fails(capsys, tmp_path / "out", "--dataset", "e2e", "--raw_dir", tmp_path / "nothing", "--out_dir", tmp_path / "out", match="trainset.csv")
 
