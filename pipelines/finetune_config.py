@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import settings
+from steps.beam import REQUEST_OPTIONS
 from steps.common import InputError
 from steps.train_config import OPTIONS, option_problems
 from steps.work_dir import WorkDir
@@ -21,8 +22,7 @@ from steps.work_dir import WorkDir
 FLOW_KEYS = ["torchrun", "retries", "retry_delay_seconds"]
 TORCHRUN_KEYS = ["nproc_per_node", "nnodes", "node_rank", "max_restarts", "join_timeout"]
 TRACKING_KEYS = ["tracking_uri", "experiment", "run_file"]
-DECODE_KEYS = ["beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "eos_token_id", "min_length",
-               "eval_len", "seq_len", "batch_size"]
+DECODE_KEYS = [*REQUEST_OPTIONS, "eos_token_id", "seq_len", "batch_size"]  # the search's (steps.beam) and the query's
 REQUIRED_TRAINER_KEYS = ["train_data", "valid_data", "work_dir", "init_checkpoint", "model_card"]
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import mlflow
 
 from pipelines.finetune_config import FinetuneConfig
+from steps.beam import BeamConfig
 from steps.common import InputError, iter_jsonl
 from steps.tokenizer import EOS_ID
 
@@ -94,21 +95,13 @@ def model_config_for(cfg: FinetuneConfig, adapter_config: dict[str, Any]) -> dic
 
     base = adapter_config.get("base") or {}
     recorded = base.get("path") or cfg.trainer["init_checkpoint"]
-    eos = cfg.decode["eos_token_id"]
     config = {
         "init_checkpoint": "",
         "base_path": str(cfg.path(recorded)),
         "base_sha256": base.get("sha256") or "",
         "model_card": adapter_config.get("model_card", cfg.trainer["model_card"]),
         "device": "",  # empty: CUDA when the loading machine has it, else CPU; override with model_config={"device": ...}
-        "beam": int(cfg.decode["beam"]),
-        "length_penalty": float(cfg.decode["length_penalty"]),
-        "no_repeat_ngram_size": int(cfg.decode["no_repeat_ngram_size"]),
-        "repetition_penalty": float(cfg.decode["repetition_penalty"]),
-        # The original always stops at <|endoftext|> and adds each --eos_token_id given.
-        "eos_token_ids": sorted({EOS_ID, *(eos if isinstance(eos, list) else [eos])}),
-        "min_length": int(cfg.decode["min_length"]),
-        "eval_len": int(cfg.decode["eval_len"]),
+        **BeamConfig.from_settings(cfg.decode).as_model_config(),  # the search, as steps.decode runs it
         "seq_len": int(cfg.decode["seq_len"]),
         "batch_size": int(cfg.decode["batch_size"]),
         "add_bos": bool(cfg.params.get("encode", {}).get("add_bos", True)),

@@ -72,7 +72,7 @@ class BeamConfig:
     pad_token_id: int = 0  # only fills the left padding, which attention never sees
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))  # a JSON list becomes a tuple
+        object.__setattr__(self, "eos_token_ids", tuple(sorted(set(self.eos_token_ids))))  # a set of stop ids, in one order
         if self.beam < 1 or self.eval_len < 1:
             raise ValueError(f"beam and eval_len must be >= 1 (got beam={self.beam}, eval_len={self.eval_len})")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
@@ -89,6 +89,25 @@ class BeamConfig:
         """The fields that `settings` names (parsed arguments, a model config); other keys are ignored."""
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in settings.items() if key in names})
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> BeamConfig:
+        """From the original's option names, as the decode CLI's arguments and params.yaml's `decode` section give them:
+        `eos_token_id` (one id or a list) is appended to the stop ids, which start with <|endoftext|> as in the
+        original; numbers take their field's type (a YAML `length_penalty: 1` is the float 1.0)."""
+        extra = settings.get("eos_token_id")
+        extra = [] if extra is None else list(extra) if isinstance(extra, list | tuple) else [extra]
+        values = {"eos_token_ids": tuple(dict.fromkeys([*cls().eos_token_ids, *extra]))}
+        for field in dataclasses.fields(cls):
+            value = settings.get(field.name)
+            if field.name in REQUEST_OPTIONS and value is not None:
+                whole_for_float = field.type == "float" and isinstance(value, int) and not isinstance(value, bool)
+                values[field.name] = float(value) if whole_for_float else value
+        return cls(**values)
+
+    def as_model_config(self) -> dict[str, Any]:
+        """The fields as JSON values, for a logged model's config (`from_mapping` reads them back)."""
+        return {**dataclasses.asdict(self), "eos_token_ids": list(self.eos_token_ids)}
 
 
 # The settings a caller may change per request (the MLflow model's params); the rest stay the model's.

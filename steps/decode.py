@@ -284,16 +284,15 @@ def run(args: argparse.Namespace) -> str:
     """The stage; returns the summary line."""
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    eos_ids = tuple(dict.fromkeys([*BeamConfig().eos_token_ids, *(args.eos_token_id or [])]))
     try:
-        cfg = BeamConfig.from_mapping({**vars(args), "eos_token_ids": eos_ids})
+        cfg = BeamConfig.from_settings(vars(args))
     except ValueError as exc:  # before loading anything: a bad option costs a second, not a decode
         raise InputError(f"bad search option: {exc}") from None
     require_writable(args.work_dir)  # a read-only output dir fails now, not after the search
     model = load_for_inference(args.adapter, args.init_checkpoint, device, args.model_card, args.lora_dim,
                                args.lora_alpha, args.ignore_base_mismatch)
-    if max(eos_ids) >= model.config.vocab_size:
-        raise InputError(f"--eos_token_id {max(eos_ids)} is outside the vocabulary ({model.config.vocab_size})")
+    if max(cfg.eos_token_ids) >= model.config.vocab_size:
+        raise InputError(f"--eos_token_id {max(cfg.eos_token_ids)} is outside the vocabulary ({model.config.vocab_size})")
     if args.seq_len > model.config.n_positions:
         raise InputError(f"--seq_len {args.seq_len} exceeds the model's {model.config.n_positions} positions")
     contexts = read_contexts(args.data, model.config.vocab_size)

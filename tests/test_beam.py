@@ -7,11 +7,13 @@ process logits with plain-Python code, so they share nothing with `steps.beam` b
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from steps.beam import (
+    REQUEST_OPTIONS,
     BeamConfig,
     apply_repetition_penalty,
     ban_repeated_ngrams,
@@ -19,6 +21,7 @@ from steps.beam import (
     next_token_logprobs,
 )
 from steps.model import GPT2, GPT2Config, KVCache
+from steps.tokenizer import EOS_ID
 
 NEG_INF = float("-inf")
 
@@ -355,3 +358,19 @@ def test_exhaustive_reference_is_not_trivial():
             for s in SETTINGS}
     assert len(outs) >= 2
     assert any(len(o) > 1 for o in outs)
+
+
+def test_one_search_from_the_decode_cli_params_yaml_and_the_logged_model_config():
+    """The decode stage's arguments, params.yaml's decode section and the registered model's config are read by the one
+    BeamConfig declaration, so the served model searches exactly as the decode stage did."""
+    import yaml
+
+    from steps.decode import build_parser
+
+    decode = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["decode"]
+    argv = ["--data", "d.jsonl", *(f"--{k}={decode[k]}" for k in REQUEST_OPTIONS), f"--eos_token_id={decode['eos_token_id']}"]
+    from_cli = BeamConfig.from_settings(vars(build_parser().parse_args(argv)))
+    from_params = BeamConfig.from_settings(decode)
+    assert from_cli == from_params and set(from_params.eos_token_ids) == {EOS_ID, decode["eos_token_id"]}
+    assert BeamConfig.from_mapping(from_params.as_model_config()) == from_params  # the logged config reads back the same
+    assert isinstance(BeamConfig.from_settings({"length_penalty": 1}).length_penalty, float)  # YAML's 1 is a float setting
