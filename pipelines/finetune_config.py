@@ -70,6 +70,7 @@ def load_config(params_file: str | os.PathLike, project_dir: str | os.PathLike =
     settings.require(tracking, TRACKING_KEYS, "tracking", params_path)
     settings.require(decode, DECODE_KEYS, "decode", params_path)
     check_trainer_section(trainer, params_path)
+    check_flow_section(launch, params_path)
     check_torchrun_section(launch["torchrun"], params_path)
     for key in ("train_data", "valid_data", "init_checkpoint"):
         if not settings.resolve_path(project, trainer[key]).is_file():
@@ -87,11 +88,26 @@ def check_trainer_section(trainer: dict[str, Any], source: Path) -> None:
         raise InputError("; ".join(problems), source)
 
 
+def check_flow_section(launch: dict[str, Any], source: Path) -> None:
+    """How a crashed training is retried: a count and a delay (a retry of a bad value would only repeat it)."""
+    problems = [] if is_count(launch["retries"], 0) else [f"flow.retries = {launch['retries']!r}: expected a whole number >= 0"]
+    delay = launch["retry_delay_seconds"]
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay < float("inf"):
+        problems.append(f"flow.retry_delay_seconds = {delay!r}: expected a number of seconds >= 0")
+    if problems:
+        raise InputError("; ".join(problems), source)
+
+
 def check_torchrun_section(torchrun: dict[str, Any], source: Path) -> None:
     """The node layout and its failure handling, all problems named at once (torchrun itself would say less, later)."""
     counts = {"nnodes": 1, "node_rank": 0, "max_restarts": 0, "join_timeout": 1}  # each key's smallest value
     problems = [f"flow.torchrun.{key} = {torchrun[key]!r}: expected a whole number >= {low}"
                 for key, low in counts.items() if not is_count(torchrun[key], low)]
+    nproc = torchrun["nproc_per_node"]
+    if not (is_count(nproc, 1) or nproc in ("gpu", "auto")):
+        # torchrun's "cpu" (one process per core) would go through its --standalone store on every interface.
+        problems.append(f"flow.torchrun.nproc_per_node = {nproc!r}: expected a whole number >= 1 (processes on this "
+                        "machine), gpu (one per GPU) or auto (one per GPU, else 1)")
     if not problems and int(torchrun["node_rank"]) >= int(torchrun["nnodes"]):
         problems.append(f"flow.torchrun.node_rank = {torchrun['node_rank']}: expected 0 to nnodes - 1 = {int(torchrun['nnodes']) - 1}")
     if not problems and int(torchrun["nnodes"]) > 1 and not (torchrun.get("rdzv_endpoint") or torchrun.get("master_addr")):

@@ -43,11 +43,25 @@ def apply_env_defaults() -> None:
 # ----- params.yaml -----
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently; DVC refuses)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (first on line {first_line[key]}); "
+                                                        "keep one", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read params.yaml (the single source of every pipeline default), then apply `key.sub=value` overrides."""
     path = Path(path)
     try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+        params = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise InputError("params file not found; run from the project root or pass --params <file>", path) from None
     except yaml.YAMLError as exc:

@@ -42,11 +42,14 @@ class Limit:
     high_open: bool = False
 
     def describe(self) -> str:
+        def shown(bound: float) -> str:
+            return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
         parts = []
         if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+            parts.append(f"{'>' if self.low_open else '>='} {shown(self.low)}")
         if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+            parts.append(f"{'<' if self.high_open else '<='} {shown(self.high)}")
         return "a finite number " + " and ".join(parts) if parts else "a finite number"
 
     def admits(self, value: float) -> bool:
@@ -146,7 +149,7 @@ class TrainConfig:
                             choices=PRECISIONS, fingerprint=True)
     device: str = option("auto", "auto: CUDA when available", RUN, choices=("auto", "cpu", "cuda"))
     random_seed: int = option(10, "seeds LoRA init, data order and dropout; with the same seed a resumed run repeats an "
-                              "uninterrupted one exactly", RUN, limit=Limit(), fingerprint=True)
+                              "uninterrupted one exactly", RUN, limit=Limit(low=0, high=2**32 - 1), fingerprint=True)  # 1e23 overflowed in torch
     log_interval: int = option(100, "updates between log lines and MLflow metrics", RUN, limit=AT_LEAST_ONE)
     eval_interval: int = option(2000, "updates between validations", RUN, limit=AT_LEAST_ONE)
     save_interval: int = option(500, "updates between checkpoints (adapter + resume state)", RUN, limit=AT_LEAST_ONE)

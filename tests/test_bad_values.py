@@ -5,6 +5,7 @@ range table, so the two never disagree."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from helpers import tiny_run_args
@@ -13,6 +14,8 @@ from pipelines.finetune_config import check_trainer_section
 from steps import decode, train
 from steps.common import InputError
 from steps.train_config import LIMITS, build_parser
+
+REPO = Path(__file__).resolve().parents[1]
 
 PROBES = [0, -1, math.nan, math.inf]
 INT_OPTIONS = {a.dest for a in build_parser()._actions if a.type is int}
@@ -61,3 +64,38 @@ def test_decode_search_options_refused_before_loading_anything(tmp_path, capsys,
     assert decode.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: bad search option") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"flow": {"torchrun": {"nproc_per_node": "cpu"}}}, "flow.torchrun.nproc_per_node = 'cpu': expected a whole number >= 1"),
+    ({"flow": {"torchrun": {"nproc_per_node": "abc"}}}, "flow.torchrun.nproc_per_node = 'abc'"),
+    ({"flow": {"retries": -1}}, "flow.retries = -1: expected a whole number >= 0"),
+    ({"flow": {"retry_delay_seconds": "soon"}}, "flow.retry_delay_seconds = 'soon'"),
+    ({"finetune": {"random_seed": 10**23}}, "finetune.random_seed = 100000000000000000000000: expected a finite number >= 0 and <= 4294967295"),
+    ({"finetune": {"random_seed": "1e23"}}, "finetune.random_seed = '1e23': expected a whole number"),  # YAML 1.1 reads 1e23 as a string
+])
+def test_flow_and_trainer_params_are_typed_and_checked_before_anything_starts(tmp_path, change, expected):
+    """Each used to start a run that failed later (three retries of an overflow, 103 s of torchrun launches for 'abc')."""
+    import yaml
+
+    from pipelines.finetune_config import load_config
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in change.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                params[section][key].update(value)
+            else:
+                params[section][key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(InputError) as caught:
+        load_config(tmp_path / "params.yaml", tmp_path)
+    assert expected in str(caught.value)
+
+
+def test_a_key_given_twice_in_params_yaml_is_refused_naming_both_lines(tmp_path):
+    from pipelines.settings import load_params
+
+    (tmp_path / "params.yaml").write_text("finetune:\n  lr: 0.01\n  lora_dim: 4\n  lr: 0.0002\n")
+    with pytest.raises(InputError, match=r"params.yaml:4: .*key 'lr' is given twice \(first on line 2\)"):
+        load_params(tmp_path / "params.yaml")

@@ -65,7 +65,7 @@ def test_every_option_reaches_help_the_checks_and_the_fingerprint(name):
     ("random_seed", True, "expected a whole number"),
     ("lr", "abc", "expected a number"),
     ("correct_bias", "yes", "expected true or false"),
-    ("scheduler", "warp", "expected one of linear, cosine"),
+    ("scheduler", "warp", "expected one of linear, constant, cosine"),
     ("model_card", "gpt2.xl", "expected one of gpt2.sm"),
 ])
 def test_params_values_of_the_wrong_type_are_named(key, value, expected):
