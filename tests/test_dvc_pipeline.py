@@ -179,6 +179,19 @@ def test_every_stage_runs_and_writes_its_outputs(baseline, project):
 
 
 @pytest.mark.slow
+def test_every_file_the_run_wrote_is_readable_by_group_and_others(baseline, project):
+    """All writers, one rule (the umask's 0644): adapters and checkpoints were written 0600 by safetensors' own file."""
+    written = [path for folder in ("data", "models", "outputs", "outputs_base", "metrics", "plots", "mlruns")
+               for path in (project / folder).rglob("*") if path.is_file()]
+    assert len(written) > 20
+    mask = os.umask(0o022)
+    os.umask(mask)
+    readable = 0o044 & ~mask  # what the umask lets every file be (0o044 with the usual 022)
+    private = [str(path.relative_to(project)) for path in written if path.stat().st_mode & readable != readable]
+    assert private == []
+
+
+@pytest.mark.slow
 def test_lock_file_records_every_stage(baseline):
     lock = baseline["lock"]
     assert sorted(lock) == sorted(STAGES)
