@@ -320,8 +320,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--predictions", type=Path, default=None,
                         help="decode's predictions.jsonl; its 'context' fields fill the context column of the MLflow table")  # fmt: skip
     parser.add_argument("--mlflow_run_file", type=Path, default=None,
-                        help='JSON {"run_id": ..., "tracking_uri": ...} from the finetune stage: log eval/<metric> and a '
-                        "per-example table into that run")  # fmt: skip
+                        help='JSON {"run_id": ..., "tracking_uri": ...} from the finetune stage: log the per-example table '
+                        "into that run (the register stage logs the scores)")  # fmt: skip
     parser.add_argument("--base_pred_file", type=Path, default=None,
                         help="predictions of the base model alone (the decode_base stage's preds.txt, same instances and "
                         "search settings): scored against the same references and written under `base`")  # fmt: skip
@@ -370,9 +370,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         write_json(args.json, record)
     if args.mlflow_run_file:
-        from steps.tracking import log_evaluation
+        from steps.tracking import log_predictions_table
 
-        log_evaluation(str(args.mlflow_run_file), eval_extra.mlflow_metrics(record, names), table)
+        log_predictions_table(str(args.mlflow_run_file), table)
     headline = ", ".join(f"{name} {record[name]:.4f}" for name in names if name in record)
     headline += (", " + eval_extra.headline(record)) if eval_extra.headline(record) else ""
     where = f" -> {args.json}" if args.json else ""

@@ -3,8 +3,9 @@
 Two users:
 - the trainer (rank 0 only) streams metrics and checkpoint directories into the MLflow run that the
   finetune flow created, through `RunLogger.from_env(rank)`;
-- the evaluate stage adds the E2E metrics and a predictions table to that same run through
-  `log_evaluation(run_file, metrics, table)`.
+- the evaluate stage adds its per-example table (input, prediction, references, slot errors) to that same run
+  through `log_predictions_table(run_file, table)`. The scores are logged once, by the register stage, which reruns
+  for every new adapter (evaluate does not when two adapters decode alike).
 
 Rules this module keeps, all learned the hard way (see the team's ecosystem notes):
 - Never `mlflow.start_run()` here: a child process that attaches to the parent's run marks it FINISHED
@@ -19,7 +20,6 @@ Rules this module keeps, all learned the hard way (see the team's ecosystem note
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import shutil
@@ -250,40 +250,37 @@ def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-def log_evaluation(run_file: str, metrics: dict[str, float], table: pandas.DataFrame) -> None:
-    """Add `eval/<name>` metrics and a predictions table to the finetune run named in `run_file`.
+def log_predictions_table(run_file: str, table: pandas.DataFrame) -> None:
+    """Add the per-example predictions table to the finetune run named in `run_file`.
 
     A missing run file (e.g. outputs pulled from a DVC remote, no local training run) only warns:
-    the scores in metrics/eval.json are the stage's real output, MLflow is a copy. A store failure
-    warns too. A malformed run file is a user error (InputError). Rerunning replaces the table
-    instead of appending to it (MlflowClient.log_table would append).
+    the stage's real outputs are its files, MLflow is a copy. A store failure warns too. A malformed run
+    file is a user error (InputError). Rerunning replaces the table instead of appending to it
+    (MlflowClient.log_table would append).
     """
     if not Path(run_file).exists():
-        warn(f"{run_file}: no MLflow run file; evaluation metrics are not logged to MLflow (run the finetune stage to create one)")
+        warn(f"{run_file}: no MLflow run file; the predictions table is not logged to MLflow (run the finetune stage to create one)")
         return
     record = read_run_file(run_file)
     written_for = record.get("project_dir")
     if written_for and Path(written_for).resolve() != Path.cwd().resolve():
         # A copied project (cp -r) carries the original's run file, which names the original's store: never write there.
-        warn(f"{run_file} was written for the project at {written_for}, not this one ({Path.cwd()}); evaluation metrics "
-             "are not logged to MLflow (run the finetune stage here to create this project's run)")
+        warn(f"{run_file} was written for the project at {written_for}, not this one ({Path.cwd()}); the predictions table "
+             "is not logged to MLflow (run the finetune stage here to create this project's run)")
         return
     try:
-        _log_evaluation_to_run(record, metrics, table)
+        _log_table_to_run(record, table)
     except Exception as exc:
-        warn(f"could not log the evaluation to MLflow run {record['run_id']} ({type(exc).__name__}: {exc}); metrics/eval.json is unaffected")
+        warn(f"could not log the predictions table to MLflow run {record['run_id']} ({type(exc).__name__}: {exc}); "
+             "metrics/eval.json is unaffected")
 
 
-def _log_evaluation_to_run(record: dict[str, Any], metrics: dict[str, float], table: pandas.DataFrame) -> None:
+def _log_table_to_run(record: dict[str, Any], table: pandas.DataFrame) -> None:
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
     client = MlflowClient(tracking_uri=record["tracking_uri"])
     run_id = record["run_id"]
-    timestamp_ms = int(time.time() * 1000)
-    points = [Metric(f"eval/{name}", float(value), timestamp_ms, 0) for name, value in metrics.items() if math.isfinite(float(value))]
-    client.log_batch(run_id, metrics=points, synchronous=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / Path(EVAL_TABLE_ARTIFACT).name
         # The same layout as MlflowClient.log_table, so the UI's evaluation view reads it.

@@ -324,7 +324,7 @@ def test_json_output_and_mlflow_table(tmp_path: Path, monkeypatch, capsys) -> No
     run_file = write(tmp_path / "run.json", json.dumps({"run_id": "abc", "tracking_uri": "sqlite:///x.db"}))
     calls = []
     fake = types.ModuleType("steps.tracking")
-    fake.log_evaluation = lambda run, metrics, table: calls.append((run, metrics, table))
+    fake.log_predictions_table = lambda run, table: calls.append((run, table))
     monkeypatch.setitem(sys.modules, "steps.tracking", fake)
 
     out = tmp_path / "eval.json"
@@ -333,9 +333,8 @@ def test_json_output_and_mlflow_table(tmp_path: Path, monkeypatch, capsys) -> No
     record = json.loads(out.read_text())
     assert list(record)[:4] == ["BLEU", "NIST", "ROUGE_L", "CIDEr"] and "METEOR" not in record
     assert record["n_instances"] == 2
-    (run, metrics, table) = calls[0]
+    (run, table) = calls[0]
     assert run == str(run_file)
-    assert metrics == {name: record[name] for name in ("BLEU", "NIST", "ROUGE_L", "CIDEr")}  # tracking adds "eval/"
     assert list(table.columns) == ["context", "prediction", "references"]
     assert table.to_dict("records")[1] == {"context": "mr two", "prediction": "a cheap restaurant", "references": "a cheap family restaurant"}
     assert table["references"][0] == "the pub is near the river\nthe pub near the river"

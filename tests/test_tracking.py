@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from steps.common import InputError
-from steps.tracking import EVAL_TABLE_ARTIFACT, RunLogger, log_evaluation, write_run_file
+from steps.tracking import EVAL_TABLE_ARTIFACT, RunLogger, log_predictions_table, write_run_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,21 +132,20 @@ def test_unreachable_store_warns_once_and_never_raises(capsys, monkeypatch):
     assert "gave up sending 100 metric points" in err or "did not finish" in err, err
 
 
-def test_log_evaluation_adds_metrics_and_replaces_the_table(store, tmp_path):
+def test_the_predictions_table_is_replaced_when_evaluate_reruns_and_no_score_is_logged_there(store, tmp_path):
     uri, client, experiment_id = store
     run_id = new_run(store)
     client.set_terminated(run_id)  # evaluate runs after the flow has finished its run
     run_file = tmp_path / "run.json"
     write_run_file(run_file, run_id=run_id, tracking_uri=uri, experiment_id=experiment_id, fingerprint="x")
     table = pd.DataFrame({"context": ["name[A]", "name[B]"], "prediction": ["A is.", "B is."]})
-    scores = {"BLEU": 0.5, "NIST": 3.25, "METEOR": 0.25, "ROUGE_L": 0.5, "CIDEr": 1.5}
 
-    log_evaluation(str(run_file), scores, table)
-    log_evaluation(str(run_file), {**scores, "BLEU": 0.75}, table)  # evaluate reran
+    log_predictions_table(str(run_file), table)
+    log_predictions_table(str(run_file), table)  # evaluate reran
 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert {k: v for k, v in run.data.metrics.items()} == {f"eval/{k}": v for k, v in {**scores, "BLEU": 0.75}.items()}
+    assert run.data.metrics == {}  # the scores are the register stage's to log, once
     local = client.download_artifacts(run_id, EVAL_TABLE_ARTIFACT, str(tmp_path / "dl"))
     logged = json.loads(Path(local).read_text())
     assert logged["columns"] == ["context", "prediction"]
@@ -154,19 +153,19 @@ def test_log_evaluation_adds_metrics_and_replaces_the_table(store, tmp_path):
     assert json.loads(run.data.tags["mlflow.loggedArtifacts"]) == [{"path": EVAL_TABLE_ARTIFACT, "type": "table"}]
 
 
-def test_log_evaluation_without_a_run_file_only_warns(tmp_path, capsys):
-    log_evaluation(str(tmp_path / "absent.json"), {"BLEU": 0.1}, pd.DataFrame({"a": [1]}))
+def test_logging_the_table_without_a_run_file_only_warns(tmp_path, capsys):
+    log_predictions_table(str(tmp_path / "absent.json"), pd.DataFrame({"a": [1]}))
     assert "no MLflow run file" in capsys.readouterr().err
 
 
-def test_log_evaluation_rejects_a_file_that_is_not_a_run_file(tmp_path):
+def test_logging_the_table_rejects_a_file_that_is_not_a_run_file(tmp_path):
     bad = tmp_path / "run.json"
     bad.write_text('{"run_id": "abc"}')
     with pytest.raises(InputError, match="lacks tracking_uri, experiment_id"):
-        log_evaluation(str(bad), {"BLEU": 0.1}, pd.DataFrame({"a": [1]}))
+        log_predictions_table(str(bad), pd.DataFrame({"a": [1]}))
     bad.write_text("not json")
     with pytest.raises(InputError, match="not a JSON run file"):
-        log_evaluation(str(bad), {"BLEU": 0.1}, pd.DataFrame({"a": [1]}))
+        log_predictions_table(str(bad), pd.DataFrame({"a": [1]}))
 
 
 def test_a_copied_project_never_writes_into_the_original_projects_run(store, tmp_path, capsys, monkeypatch):
@@ -180,9 +179,9 @@ def test_a_copied_project_never_writes_into_the_original_projects_run(store, tmp
         write_run_file(project / "models/run.json", run_id=run_id, tracking_uri=uri, experiment_id=experiment_id,
                        fingerprint="x", project_dir=str(original))
     monkeypatch.chdir(copy)
-    log_evaluation("models/run.json", {"BLEU": 0.9}, pd.DataFrame({"a": [1]}))
+    log_predictions_table("models/run.json", pd.DataFrame({"a": [1]}))
     assert f"was written for the project at {original}, not this one" in capsys.readouterr().err
-    assert "eval/BLEU" not in client.get_run(run_id).data.metrics
+    assert not client.list_artifacts(run_id, "eval")
     monkeypatch.chdir(original)
-    log_evaluation("models/run.json", {"BLEU": 0.9}, pd.DataFrame({"a": [1]}))
-    assert client.get_run(run_id).data.metrics["eval/BLEU"] == 0.9
+    log_predictions_table("models/run.json", pd.DataFrame({"a": [1]}))
+    assert [f.path for f in client.list_artifacts(run_id, "eval")] == [EVAL_TABLE_ARTIFACT]
