@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import settings
-from steps.beam import REQUEST_OPTIONS
 from steps.common import InputError
 from steps.train_config import OPTIONS, option_problems
 from steps.work_dir import WorkDir
@@ -22,7 +21,6 @@ from steps.work_dir import WorkDir
 FLOW_KEYS = ["torchrun", "retries", "retry_delay_seconds"]
 TORCHRUN_KEYS = ["nproc_per_node", "nnodes", "node_rank", "max_restarts", "join_timeout"]
 TRACKING_KEYS = ["tracking_uri", "experiment", "run_file"]
-DECODE_KEYS = [*REQUEST_OPTIONS, "eos_token_id", "seq_len", "batch_size"]  # the search's (steps.beam) and the query's
 REQUIRED_TRAINER_KEYS = ["train_data", "valid_data", "work_dir", "init_checkpoint", "model_card"]
 
 
@@ -68,7 +66,6 @@ def load_config(params_file: str | os.PathLike, project_dir: str | os.PathLike =
     settings.require(launch, FLOW_KEYS, "flow", params_path)
     settings.require(launch["torchrun"], TORCHRUN_KEYS, "flow.torchrun", params_path)
     settings.require(tracking, TRACKING_KEYS, "tracking", params_path)
-    settings.require(decode, DECODE_KEYS, "decode", params_path)
     check_trainer_section(trainer, params_path)
     check_flow_section(launch, params_path)
     check_torchrun_section(launch["torchrun"], params_path)

@@ -30,6 +30,7 @@ from typing import Any
 from pipelines import settings
 from pipelines.finetune_config import FinetuneConfig, load_config
 from steps import eval_extra
+from steps.beam import REQUEST_OPTIONS
 from steps.common import InputError, run_stage, sha256_file, write_json
 
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "TER", "SER")  # what metrics/eval.json may hold at its top level
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.params, args.project_dir, args.overrides)
+    # The decoding settings the registered model will carry (the finetune stage does not read them).
+    settings.require(cfg.decode, [*REQUEST_OPTIONS, "eos_token_id", "seq_len", "batch_size"], "decode", cfg.params_file)
     chosen = RegisterSettings.from_params(cfg.params, cfg.params_file)
     scores, evaluated = read_scores(cfg.path(str(args.scores)), chosen.metric)
     record = run_record(cfg)

@@ -26,8 +26,8 @@ from typing import Any
 
 from steps import e2e_metrics, eval_extra
 from steps.common import InputError, iter_jsonl, require_writable, run_stage, write_json
+from steps.datasets import DATASETS as REF_TYPES  # each dataset family has its reference layout
 
-REF_TYPES = ("e2e", "webnlg", "dart")
 # CSV column names accepted for the MR and the reference (the E2E release uses "mr" and "ref").
 MR_COLUMNS = re.compile(r"(mr|src|source|meaning[_ .-]?representation)s?", re.I)
 REF_COLUMNS = re.compile(r"(ref(erence)?|trg|tgt|target|human[_ .-]?ref(erence)?)s?", re.I)
