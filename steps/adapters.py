@@ -16,11 +16,14 @@ import torch
 from steps.checkpoints import ADAPTER_WEIGHTS, apply_adapter, load_adapter
 from steps.common import InputError
 from steps.model import GPT2
-from steps.peft_format import PEFT_WEIGHTS, check_layout, is_peft_dir, read_peft_adapter
+from steps.peft_format import PEFT_WEIGHTS, is_peft_dir, read_peft_adapter
 
 
 def read_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Our adapter directory, an original-trainer `model.<step>.pt`, or a PEFT LoRA directory -> (tensors, our config)."""
+    """Our adapter directory, an original-trainer `model.<step>.pt`, or a PEFT LoRA directory -> (tensors, our config).
+
+    Every path ends in `steps.checkpoints.check_adapter`: shapes as the config implies, float tensors, no NaN or inf.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError("adapter not found; give our adapter directory (adapter.safetensors + adapter_config.json), "
@@ -31,10 +34,7 @@ def read_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> tu
     if path.is_dir() and not (path / ADAPTER_WEIGHTS).is_file():
         raise InputError(f"neither {ADAPTER_WEIGHTS} (this project's adapter) nor {PEFT_WEIGHTS} (a PEFT adapter) is in "
                          "this directory; give the directory the trainer or PEFT's save_pretrained wrote", path)
-    tensors, config = load_adapter(path, lora_alpha=lora_alpha)
-    check_layout(tensors, config, path)
-    return tensors, config
-
+    return load_adapter(path, lora_alpha=lora_alpha)
 
 
 def start_from_adapter(model: GPT2, path: str | os.PathLike, model_card: str, lora_alpha: float) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -15,10 +16,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file
 
 from steps.common import InputError, atomic_path, atomic_write, sha256_file
-from steps.lora import LoRAConfig, lora_state_dict
+from steps.lora import QKV, LoRAConfig, lora_state_dict
 from steps.model import CARDS, GPT2, GPT2Config
 from steps.work_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -176,6 +178,8 @@ def load_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> tu
 
     Original files carry no config: rank, width and depth are read off the tensor shapes (q, v adapted, as the
     original always did) and alpha must be given (`lora_alpha`), exactly as the original needed it retyped.
+    Either way the tensors are checked against the config (`check_adapter`): every loader of an adapter (decode,
+    export, the trainer's --init_adapter) refuses the same damaged files.
     """
     path = Path(path)
     if path.is_dir():
@@ -185,13 +189,19 @@ def load_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> tu
         if not config_path.is_file():
             raise InputError(f"adapter config {ADAPTER_CONFIG} not found next to the weights", path)
         config = read_adapter_config(config_path)
-        return read_tensors(path), config
-    return _import_original_adapter(path, lora_alpha)
+        tensors = read_tensors(path)
+    else:
+        tensors, config = _import_original_adapter(path, lora_alpha)
+    check_adapter(tensors, config, path)
+    return tensors, config
 
 
 # What an adapter_config.json must hold for the adapter to be rebuilt (docs/adapter-format.md lists every field).
 REQUIRED_CONFIG_KEYS = {"model_card": str, "n_embd": int, "n_layer": int, "n_head": int, "r": int, "alpha": int | float,
                         "targets": list}
+# The base an adapter records when it is not known (an imported adapter, or a config written without `base`).
+UNKNOWN_BASE = {"path": None, "sha256": None}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def read_adapter_config(config_path: Path) -> dict[str, Any]:
@@ -203,10 +213,39 @@ def read_adapter_config(config_path: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT or config.get("version") != ADAPTER_VERSION:
         found = (config.get("format"), config.get("version")) if isinstance(config, dict) else type(config).__name__
         raise InputError(f"unsupported adapter format {found}; expected format {ADAPTER_FORMAT!r} version {ADAPTER_VERSION}", config_path)
+    return check_adapter_config(config, config_path)
+
+
+def check_adapter_config(config: dict[str, Any], source: str | os.PathLike) -> dict[str, Any]:
+    """The values of an adapter config, checked (a hand-edited or foreign file must not reach the model builder);
+    an absent or null `base` becomes UNKNOWN_BASE (the base must then be given). Returns the config."""
     bad = [key for key, kind in REQUIRED_CONFIG_KEYS.items() if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool)]
     if bad:
         raise InputError(f"adapter config lacks or has wrong types for {', '.join(bad)}; restore it from the run's checkpoints "
-                         "or MLflow", config_path)
+                         "or MLflow", source)
+    name = config["model_card"]
+    if name not in CARDS:
+        raise InputError(f"model_card {name!r} is not a model card (one of {', '.join(CARDS)}); restore the adapter config "
+                         "the trainer wrote", source)
+    arch = CARDS[name]
+    differ = [f"{key} {config[key]!r} ({name} has {getattr(arch, key)})" for key in ("n_embd", "n_layer", "n_head", "vocab_size")
+              if key in config and (type(config[key]) is not int or config[key] != getattr(arch, key))]
+    if differ:
+        raise InputError(f"adapter config disagrees with its model_card {name}: {'; '.join(differ)}", source)
+    if not 0 < config["r"] <= arch.n_embd:
+        raise InputError(f"r {config['r']} is not a LoRA rank for {name} (1 to {arch.n_embd})", source)
+    if not math.isfinite(config["alpha"]):
+        raise InputError(f"alpha {config['alpha']} is not a finite number", source)
+    targets = config["targets"]
+    if not targets or list(targets) != [t for t in QKV if t in targets]:
+        raise InputError(f"targets {targets} must be a non-empty subset of q, k, v, listed in q, k, v order", source)
+    base = config.get("base")
+    if base is None:
+        config["base"] = dict(UNKNOWN_BASE)
+    elif not (isinstance(base, dict) and isinstance(base.get("path"), str | None)
+              and (base.get("sha256") is None or (isinstance(base["sha256"], str) and _SHA256.fullmatch(base["sha256"])))):
+        raise InputError(f"base {json.dumps(base)[:120]} is malformed; expected {{\"path\": the base file or null, "
+                         "\"sha256\": its 64 hex digits or null}, or no base key at all (unknown base)", source)
     return config
 
 
@@ -217,6 +256,8 @@ def _import_original_adapter(path: Path, lora_alpha: float | None) -> tuple[dict
         raise InputError("no LoRA tensors (keys containing 'lora_A'/'lora_B') in this checkpoint", path)
     if lora_alpha is None:
         raise InputError("original-format LoRA checkpoints do not record alpha; pass --lora_alpha (the README used 32)", path)
+    if not math.isfinite(lora_alpha):
+        raise InputError(f"--lora_alpha {lora_alpha} is not a finite number", path)
     a0 = tensors.get("h.0.attn.c_attn.lora_A")
     if a0 is None or a0.dim() != 2:
         found = ", ".join(sorted(tensors)[:3])
@@ -231,7 +272,7 @@ def _import_original_adapter(path: Path, lora_alpha: float | None) -> tuple[dict
         "format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "model_card": model_card,
         "n_embd": n_embd, "n_layer": n_layer, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size,
         "r": r, "alpha": lora_alpha, "targets": ["q", "v"], "dropout": 0.0,
-        "base": {"path": None, "sha256": None}, "step": _step_from_name(path.name),
+        "base": dict(UNKNOWN_BASE), "step": _step_from_name(path.name),
         "imported_from": str(path),
     }
     return tensors, config
@@ -240,6 +281,64 @@ def _import_original_adapter(path: Path, lora_alpha: float | None) -> tuple[dict
 def _step_from_name(name: str) -> int | None:
     match = re.search(r"\.(\d+)\.pt$", name)
     return int(match.group(1)) if match else None
+
+
+# What a loader accepts in an adapter's tensors (docs/adapter-format.md, "What a loader refuses").
+LORA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OUR_KEY = "h.{layer}.attn.c_attn.lora_{which}"
+
+
+def check_adapter(tensors: dict[str, torch.Tensor], config: dict[str, Any], source: str | os.PathLike) -> None:
+    """The one check of a loaded adapter, whatever its format: the shapes its config implies (`check_layout`),
+    then floating-point, finite values (`check_tensor_values`)."""
+    check_layout(tensors, config, source)
+    check_tensor_values(tensors, source)
+
+
+def check_layout(tensors: dict[str, torch.Tensor], config: dict[str, Any], source: str | os.PathLike) -> None:
+    """Our tensors must have the shapes the config promises: lora_A [r*E, n] and lora_B [n*E, r] in every layer."""
+    n, r, n_groups = config["n_embd"], config["r"], len(config["targets"])
+    expected = {}
+    for layer in range(config["n_layer"]):
+        expected[OUR_KEY.format(layer=layer, which="A")] = (r * n_groups, n)
+        expected[OUR_KEY.format(layer=layer, which="B")] = (n * n_groups, r)
+    problems = [f"{k} missing" for k in expected if k not in tensors]
+    problems += [f"{k} has shape {tuple(tensors[k].shape)}, expected {expected[k]}"
+                 for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
+    if problems:
+        raise InputError(f"adapter tensors do not match its config (r={r}, targets {','.join(config['targets'])}, "
+                         f"n_embd={n}, {config['n_layer']} layers): {'; '.join(problems[:3])}; "
+                         "re-save the adapter with the trainer", source)
+
+
+def check_tensor_values(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Every tensor float32, float16 or bfloat16, and finite: an integer tensor is not LoRA weights, and a NaN or
+    inf (a diverged training, a damaged file) would otherwise decode to empty predictions without a word."""
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if tensor.dtype not in LORA_DTYPES:
+            raise InputError(f"tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; expected float32, float16 or "
+                             "bfloat16 (LoRA weights are floating point)", source)
+        finite = torch.isfinite(tensor)
+        if not finite.all():
+            what = "NaN" if torch.isnan(tensor).any() else "inf"
+            raise InputError(f"tensor {key} holds {what} ({int((~finite).sum())} of {tensor.numel()} values); the adapter "
+                             "is corrupt (a diverged training?); use an earlier one (checkpoints/step_N/ or best/)", source)
+
+
+def stable_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors' bytes with the metadata in sorted key order. safetensors writes its metadata map in an order
+    that changes from process to process, so two keys gave two different files for the same tensors; the rest of
+    the header (tensor order, offsets) is already stable and is kept as written."""
+    data = safetensors_save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to keep the data 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def lora_config_of(config: dict[str, Any]) -> LoRAConfig:

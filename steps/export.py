@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 
 from steps.adapters import read_adapter
 from steps.checkpoints import (
@@ -33,6 +32,7 @@ from steps.checkpoints import (
     lora_config_of,
     model_config_of,
     save_hf_checkpoint,
+    stable_safetensors_bytes,
 )
 from steps.common import InputError, atomic_write, run_stage, sha256_file, write_json
 from steps.model import GPT2, GPT2Config
@@ -97,10 +97,10 @@ def write_merged(model: GPT2, out_dir: Path) -> None:
 
 
 def write_nlg(tensors: dict[str, torch.Tensor], config: dict[str, Any], out_dir: Path) -> None:
-    """Our adapter directory (adapter.safetensors + adapter_config.json), as the trainer writes it."""
-    metadata = {"format": ADAPTER_FORMAT, "step": str(config.get("step"))}
+    """Our adapter directory (adapter.safetensors + adapter_config.json), as the trainer writes it: the same one
+    metadata key, so the same tensors give the same bytes (the step is in adapter_config.json)."""
     with atomic_write(out_dir / ADAPTER_WEIGHTS, "wb") as f:
-        f.write(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+        f.write(stable_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": ADAPTER_FORMAT}))
     write_json(out_dir / ADAPTER_CONFIG, config)
 
 

@@ -20,13 +20,18 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
 from steps.checkpoints import (
     ADAPTER_FORMAT,
     ADAPTER_VERSION,
+    OUR_KEY,
+    UNKNOWN_BASE,
     base_identity,
+    check_adapter,
+    check_adapter_config,
+    check_tensor_values,
     read_tensors,
+    stable_safetensors_bytes,
 )
 from steps.common import InputError, atomic_write, write_json
 from steps.lora import QKV
@@ -43,7 +48,6 @@ METADATA_KEY = "nlg_lora_adapter_config"
 # PEFT keys for GPT-2's c_attn: GPT2LMHeadModel under PeftModelForCausalLM (`base_model.model.transformer.h.N...`),
 # also GPT2Model (`base_model.model.h.N...`) and the adapter-named spelling (`lora_A.default.weight`).
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?h\.(\d+)\.attn\.c_attn\.lora_([AB])(?:\.default)?\.weight$")
-OUR_KEY = "h.{layer}.attn.c_attn.lora_{which}"
 
 
 def peft_key(layer: int, which: str) -> str:
@@ -57,23 +61,6 @@ def peft_key(layer: int, which: str) -> str:
 def is_peft_dir(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.is_dir() and ((path / PEFT_WEIGHTS).is_file() or (path / PEFT_WEIGHTS_BIN).is_file())
-
-
-def check_layout(tensors: dict[str, torch.Tensor], config: dict[str, Any], source: str | os.PathLike) -> None:
-    """Our tensors must have the shapes the config promises: lora_A [r*E, n] and lora_B [n*E, r] in every layer."""
-    n, r, n_groups = config["n_embd"], config["r"], len(config["targets"])
-    expected = {}
-    for layer in range(config["n_layer"]):
-        expected[OUR_KEY.format(layer=layer, which="A")] = (r * n_groups, n)
-        expected[OUR_KEY.format(layer=layer, which="B")] = (n * n_groups, r)
-    problems = [f"{k} missing" for k in expected if k not in tensors]
-    problems += [f"{k} has shape {tuple(tensors[k].shape)}, expected {expected[k]}"
-                 for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
-    if problems:
-        raise InputError(f"adapter tensors do not match its config (r={r}, targets {','.join(config['targets'])}, "
-                         f"n_embd={n}, {config['n_layer']} layers): {'; '.join(problems[:3])}; "
-                         "re-save the adapter with the trainer", source)
 
 
 # ----------------------------------------------------------------------------------------------- ours -> PEFT
@@ -125,9 +112,9 @@ def peft_config(config: dict[str, Any], base_model: str | None) -> dict[str, Any
 
 
 def write_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], out_dir: Path, base_model: str | None) -> None:
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(config)}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(config)}  # two keys: written in sorted order, same bytes every run
     with atomic_write(out_dir / PEFT_WEIGHTS, "wb") as f:
-        f.write(safetensors_bytes(to_peft_tensors(tensors, config), metadata=metadata))
+        f.write(stable_safetensors_bytes(to_peft_tensors(tensors, config), metadata=metadata))
     write_json(out_dir / PEFT_CONFIG, peft_config(config, base_model))
 
 
@@ -156,6 +143,7 @@ def read_peft_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     _check_peft_config(peft_cfg, config_path)
     raw, metadata = _read_peft_tensors(weights_path)
     layers = _peft_layers(raw, weights_path)
+    check_tensor_values(raw, weights_path)  # named as in the file, before any arithmetic spreads a NaN
     n_embd = next(iter(layers.values()))[0].shape[1]
     ours = _metadata_config(metadata)
     if ours and (ours["n_embd"] != n_embd or ours["model_card"] not in CARDS):
@@ -167,7 +155,7 @@ def read_peft_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     same_scaling = ours and math.isclose(ours["alpha"] / ours["r"], lora_alpha / denominator, rel_tol=1e-9)
     if same_scaling and _is_our_layout(blocks, ours, n_embd):
         tensors = _compact_tensors(blocks, ours["targets"], ours["r"], n_embd)
-        check_layout(tensors, ours, weights_path)
+        check_adapter(tensors, ours, weights_path)
         return tensors, ours
     targets = _touched_targets(blocks, n_embd)
     r = rank // len(targets)
@@ -185,6 +173,7 @@ def read_peft_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         "trainable_params": sum(t.numel() for t in tensors.values()),
         "imported_from": str(path), "peft_base_model_name_or_path": peft_cfg.get("base_model_name_or_path"),
     }
+    check_adapter(tensors, config, weights_path)
     return tensors, config
 
 
@@ -272,10 +261,12 @@ def _metadata_config(metadata: dict[str, str]) -> dict[str, Any] | None:
         config = json.loads(metadata[METADATA_KEY])
     except (KeyError, json.JSONDecodeError):
         return None
-    keys = ("format", "model_card", "n_embd", "n_layer", "r", "alpha", "targets")
-    if not isinstance(config, dict) or not all(k in config for k in keys) or config["format"] != ADAPTER_FORMAT:
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         return None
-    return config
+    try:
+        return check_adapter_config(config, METADATA_KEY)
+    except InputError:
+        return None  # damaged or foreign: the tensors alone decide
 
 
 def _card_for(n_embd: int, path: Path) -> str:
@@ -305,7 +296,10 @@ def _rank_and_scaling(layers: dict[int, tuple[torch.Tensor, torch.Tensor]], cfg:
         raise InputError(f"alpha_pattern {bad_alpha} gives layers different scalings; our format has one alpha for "
                          "all layers", config_path)
     _check_layers_present(layers, cfg, n_layer, weights_path)
-    alpha = float(cfg.get("lora_alpha", 8))  # PEFT's default lora_alpha
+    alpha = cfg.get("lora_alpha", 8)  # PEFT's default lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise InputError(f"lora_alpha {alpha!r} is not a finite number", config_path)
+    alpha = float(alpha)
     return rank, alpha, math.sqrt(rank) if cfg.get("use_rslora") else float(rank)
 
 
@@ -378,4 +372,4 @@ def _peft_base(name: str | None) -> dict[str, Any]:
         for file in ("model.safetensors", "pytorch_model.bin"):
             if (Path(name) / file).is_file():
                 return base_identity(Path(name) / file)
-    return {"path": None, "sha256": None}
+    return dict(UNKNOWN_BASE)

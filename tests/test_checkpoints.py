@@ -7,8 +7,17 @@ import json
 
 import pytest
 import torch
+from helpers import write_base
+from safetensors.torch import load_file, save_file
 
-from steps.checkpoints import adapter_config, apply_adapter, base_identity, load_adapter, save_adapter
+from steps.checkpoints import (
+    adapter_config,
+    apply_adapter,
+    base_identity,
+    load_adapter,
+    save_adapter,
+    stable_safetensors_bytes,
+)
 from steps.common import InputError
 from steps.lora import LoRAConfig, lora_state_dict
 from steps.model import CARDS, GPT2
@@ -83,6 +92,15 @@ def saved_adapter(tmp_path):
     (lambda text: text[: len(text) // 2], "unreadable adapter config"),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "r"}), "lacks or has wrong types for r"),
     (lambda text: json.dumps({**json.loads(text), "targets": "q,v"}), "lacks or has wrong types for targets"),
+    (lambda text: json.dumps({**json.loads(text), "model_card": "../x"}), r"model_card '\.\./x' is not a model card"),
+    (lambda text: json.dumps({**json.loads(text), "n_embd": 64}), r"disagrees with its model_card gpt2\.tiny: n_embd 64"),
+    (lambda text: json.dumps({**json.loads(text), "targets": ["v", "q"]}), "listed in q, k, v order"),
+    (lambda text: json.dumps({**json.loads(text), "targets": ["q", "x"]}), "subset of q, k, v"),
+    (lambda text: json.dumps({**json.loads(text), "alpha": float("nan")}), "alpha nan is not a finite number"),
+    (lambda text: json.dumps({**json.loads(text), "r": 0}), "r 0 is not a LoRA rank"),
+    (lambda text: json.dumps({**json.loads(text), "base": "/some/base.safetensors"}), "base .* is malformed"),
+    (lambda text: json.dumps({**json.loads(text), "base": {"path": 3, "sha256": None}}), "base .* is malformed"),
+    (lambda text: json.dumps({**json.loads(text), "base": {"path": None, "sha256": "abc"}}), "base .* is malformed"),
 ])
 def test_damaged_adapter_config_is_a_clear_error(tmp_path, damage, match):
     adapter = saved_adapter(tmp_path)
@@ -90,6 +108,101 @@ def test_damaged_adapter_config_is_a_clear_error(tmp_path, damage, match):
     config.write_text(damage(config.read_text()))
     with pytest.raises(InputError, match=match):
         load_adapter(adapter)
+
+
+def with_value(value: float, at: int = 5):
+    """A change to one tensor: element `at` set to `value` (NaN, inf)."""
+    def change(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t.view(-1)[at] = value
+        return t
+    return change
+
+
+CORRUPT_TENSORS = {
+    "int64": (lambda t: (t * 100).to(torch.int64), r"tensor h\.1\.attn\.c_attn\.lora_B is int64; expected float32, float16 or bfloat16"),
+    "float64": (lambda t: t.double(), r"tensor h\.1\.attn\.c_attn\.lora_B is float64; expected float32"),
+    "nan": (with_value(float("nan")), r"tensor h\.1\.attn\.c_attn\.lora_B holds NaN \(1 of 1024 values\); the adapter is corrupt"),
+    "inf": (with_value(float("inf")), r"tensor h\.1\.attn\.c_attn\.lora_B holds inf"),
+    "-inf": (with_value(float("-inf")), r"tensor h\.1\.attn\.c_attn\.lora_B holds inf"),
+}
+
+
+def corrupt_tensor(adapter, change, key: str = "h.1.attn.c_attn.lora_B") -> None:
+    path = adapter / "adapter.safetensors"
+    tensors = load_file(path)
+    tensors[key] = change(tensors[key])
+    save_file(tensors, path, metadata={"format": "nlg-lora-adapter"})
+
+
+@pytest.mark.parametrize("case", CORRUPT_TENSORS)
+def test_corrupt_adapter_tensors_are_refused_by_every_loader_naming_the_tensor(tmp_path, case):
+    """An integer tensor, or a NaN/inf (the NaN one used to decode to empty predictions without a word)."""
+    from steps.decode import load_for_inference
+
+    change, match = CORRUPT_TENSORS[case]
+    adapter = saved_adapter(tmp_path)
+    corrupt_tensor(adapter, change)
+    with pytest.raises(InputError, match=match):
+        load_adapter(adapter)
+    base = write_base(tmp_path / "base.safetensors")
+    with pytest.raises(InputError, match=match):
+        load_for_inference(adapter, base)
+    # the original trainer's model.<step>.pt goes through the same check
+    tensors = {f"module.transformer.{k}": v for k, v in load_file(adapter / "adapter.safetensors").items()}
+    torch.save({"model_state_dict": tensors}, tmp_path / "model.3.pt")
+    with pytest.raises(InputError, match=match):
+        load_adapter(tmp_path / "model.3.pt", lora_alpha=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_adapters_are_accepted(tmp_path, dtype):
+    adapter = saved_adapter(tmp_path)
+    corrupt_tensor(adapter, lambda t: t.to(dtype))
+    tensors, _ = load_adapter(adapter)
+    assert tensors["h.1.attn.c_attn.lora_B"].dtype == dtype
+
+
+def test_card_outside_the_model_cards_is_refused_by_decode(tmp_path):
+    from steps.decode import load_for_inference
+
+    adapter = saved_adapter(tmp_path)
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_card": "../x"}))
+    with pytest.raises(InputError, match=r"adapter_config\.json: model_card '\.\./x' is not a model card"):
+        load_for_inference(adapter, write_base(tmp_path / "base.safetensors"))
+
+
+def test_config_without_base_reads_as_an_unknown_base(tmp_path):
+    """It used to be a KeyError in decode; now the documented default: the base must be passed."""
+    from steps.decode import load_for_inference
+
+    model = trained_like_model()
+    save_adapter(model, tmp_path / "adapter", adapter_config(model, "gpt2.tiny", {"path": None, "sha256": None}, step=1))
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    written = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({k: v for k, v in written.items() if k != "base"}))
+    _, config = load_adapter(tmp_path / "adapter")
+    assert config == written and config["base"] == {"path": None, "sha256": None}
+    base = write_base(tmp_path / "base.safetensors")
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():  # decodes with the base given, the adapter applied
+        assert not torch.equal(load_for_inference(tmp_path / "adapter", base)(ids), load_for_inference(None, base, "cpu", "gpt2.tiny")(ids))
+    with pytest.raises(InputError, match="no base weights: pass --init_checkpoint"):
+        load_for_inference(tmp_path / "adapter", None)
+
+
+def test_two_metadata_keys_give_the_same_bytes_every_time():
+    """safetensors writes its metadata map in an order that changes from call to call; stable_safetensors_bytes sorts it."""
+    from safetensors.torch import load, save
+
+    tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    metadata = {"nlg_lora_adapter_config": json.dumps({"r": 4}) + ' café \\ / \n\t\x01', "format": "pt"}
+    data = stable_safetensors_bytes(tensors, metadata)
+    assert all(stable_safetensors_bytes(tensors, metadata) == data for _ in range(30))
+    assert data in {save(tensors, metadata=metadata) for _ in range(40)}  # one of safetensors' own orders, byte for byte
+    loaded = load(data)
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
 
 
 def test_original_checkpoint_with_other_keys_is_a_clear_error(tmp_path):

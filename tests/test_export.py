@@ -6,6 +6,7 @@ Everything runs on a random gpt2.tiny base written by transformers itself (no do
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -232,3 +233,97 @@ def test_peft_dir_without_config_and_merge_on_another_base_are_refused(tmp_path,
                       "--init_checkpoint", other / "model.safetensors")
     assert code == 2 and "sha256" in capsys.readouterr().err
     assert not (tmp_path / "merged" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------- refused on load
+
+
+def corrupt(adapter: Path, key: str = "h.1.attn.c_attn.lora_B", value=None, dtype=None) -> None:
+    path = adapter / "adapter.safetensors"
+    tensors = load_file(path)
+    if dtype is not None:
+        tensors[key] = (tensors[key] * 100).to(dtype)
+    else:
+        tensors[key].view(-1)[7] = value
+    save_file(tensors, path, metadata={"format": "nlg-lora-adapter"})
+
+
+def edit_config(adapter: Path, **changes) -> None:
+    path = adapter / "adapter_config.json"
+    config = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps({k: v for k, v in config.items() if v is not ...}))
+
+
+DAMAGE = {
+    "int64": (lambda a: corrupt(a, dtype=torch.int64),
+              r"adapter\.safetensors: tensor h\.1\.attn\.c_attn\.lora_B is int64; expected float32, float16 or bfloat16"),
+    "nan": (lambda a: corrupt(a, value=float("nan")),
+            r"tensor h\.1\.attn\.c_attn\.lora_B holds NaN .*the adapter is corrupt \(a diverged training\?\)"),
+    "inf": (lambda a: corrupt(a, value=float("inf")), r"tensor h\.1\.attn\.c_attn\.lora_B holds inf"),
+    "card": (lambda a: edit_config(a, model_card="../x"), r"adapter_config\.json: model_card '\.\./x' is not a model card"),
+    "base": (lambda a: edit_config(a, base="../base.safetensors"), r"adapter_config\.json: base .* is malformed"),
+}
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_adapter_is_refused_by_every_export_in_one_line(tmp_path, base_dir, capsys, fmt, damage):
+    make_our_adapter(base_dir, tmp_path / "ours")
+    apply, match = DAMAGE[damage]
+    apply(tmp_path / "ours")
+    code = run_export("--adapter", tmp_path / "ours", "--format", fmt, "--output", tmp_path / "out",
+                      "--init_checkpoint", base_dir / "model.safetensors")
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+    assert re.search(match, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_peft_adapter_with_nan_or_int_tensors_is_refused_naming_its_key(tmp_path, base_dir):
+    peft_trained_adapter(base_dir, tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"
+    damaged = tensors[key].clone()
+    damaged[0, 0] = float("nan")
+    save_file({**tensors, key: damaged}, weights)
+    with pytest.raises(InputError, match=rf"{re.escape(key)} holds NaN"):
+        peft_format.read_peft_adapter(tmp_path / "peft")
+    save_file({**tensors, key: tensors[key].to(torch.int32)}, weights)
+    with pytest.raises(InputError, match=rf"{re.escape(key)} is int32"):
+        peft_format.read_peft_adapter(tmp_path / "peft")
+
+
+def test_adapter_config_without_base_exports_with_an_unknown_base(tmp_path, base_dir, capsys):
+    """No `base` reads as {"path": null, "sha256": null}: the nlg export records that, merged needs --init_checkpoint."""
+    make_our_adapter(base_dir, tmp_path / "ours")
+    edit_config(tmp_path / "ours", base=...)
+    assert run_export("--adapter", tmp_path / "ours", "--format", "nlg", "--output", tmp_path / "nlg") == 0
+    assert json.loads((tmp_path / "nlg" / "adapter_config.json").read_text())["base"] == {"path": None, "sha256": None}
+    assert run_export("--adapter", tmp_path / "ours", "--format", "merged", "--output", tmp_path / "merged") == 2
+    assert "no base weights: pass --init_checkpoint" in capsys.readouterr().err
+    assert run_export("--adapter", tmp_path / "ours", "--format", "merged", "--output", tmp_path / "merged",
+                      "--init_checkpoint", base_dir / "model.safetensors") == 0
+
+
+# ----------------------------------------------------------------------------------------------- reproducible
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_exports_of_one_adapter_are_byte_identical(tmp_path, base_dir, fmt):
+    """Every file, every run, wherever it is written (safetensors used to order two metadata keys at random)."""
+    make_our_adapter(base_dir, tmp_path / "ours")
+    source = tmp_path / "ours"
+    if fmt == "nlg":  # from PEFT back to ours: the round trip must also give the trainer's own bytes
+        run_export("--adapter", source, "--format", "peft", "--output", tmp_path / "peft")
+        source = tmp_path / "peft"
+    outputs = [tmp_path / f"run{i}" / ("deeper" if i % 2 else "") for i in range(6)]  # different places, different depths
+    for out in outputs:
+        assert run_export("--adapter", source, "--format", fmt, "--output", out) == 0
+    files = sorted(p.name for p in outputs[0].iterdir())
+    assert files and all(sorted(p.name for p in out.iterdir()) == files for out in outputs)
+    for name in files:
+        assert len({(out / name).read_bytes() for out in outputs}) == 1, name
+    if fmt == "nlg":
+        assert (outputs[0] / "adapter.safetensors").read_bytes() == (tmp_path / "ours" / "adapter.safetensors").read_bytes()
+        assert json.loads((outputs[0] / "adapter_config.json").read_text()) == json.loads((tmp_path / "ours" / "adapter_config.json").read_text())

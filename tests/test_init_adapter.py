@@ -53,3 +53,22 @@ def test_lora_tensors_in_the_base_checkpoint_are_named_not_silently_dropped(tmp_
     save_file(tensors, base)
     assert main(args) == 0
     assert "its 1 LoRA tensors were skipped (start from them with --init_adapter)" in capsys.readouterr().out
+
+
+def test_an_adapter_holding_nan_is_refused_before_training(tmp_path, capsys):
+    """--init_adapter reads through the same checks as decode and export: a diverged adapter is not trained on."""
+    from safetensors.torch import save_file
+
+    from steps.checkpoints import adapter_config, save_adapter
+    from steps.lora import LoRAConfig
+    from steps.model import CARDS, GPT2
+
+    model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32))
+    save_adapter(model, tmp_path / "adapter", adapter_config(model, "gpt2.tiny", {"path": None, "sha256": None}, step=3))
+    tensors = load_file(tmp_path / "adapter" / "adapter.safetensors")
+    tensors["h.0.attn.c_attn.lora_A"][2, 3] = float("nan")
+    save_file(tensors, tmp_path / "adapter" / "adapter.safetensors", metadata={"format": "nlg-lora-adapter"})
+    assert main(tiny_run_args(tmp_path / "data", tmp_path / "run", max_step=1, init_adapter=tmp_path / "adapter")) == 2
+    err = capsys.readouterr().err
+    assert "tensor h.0.attn.c_attn.lora_A holds NaN" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
