@@ -72,7 +72,7 @@ def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides
             summary = json.loads(cfg.work.summary.read_text(encoding="utf-8"))
             finish_run(cfg, run_id, summary)
         except BaseException as exc:
-            mlflow_run.mark_failed(cfg, run_id)
+            mlflow_run.mark_failed(cfg, run_id, "KILLED" if trainer_launch.is_stop_signal(exc) else "FAILED")
             if not trainer_launch.is_retryable(exc) and cfg.work.restore_previous():
                 # Refused or diverged: a rerun would fail the same way, so the last good outputs come back.
                 get_run_logger().info(f"the previous run's outputs are back in {cfg.work_dir}")

@@ -163,7 +163,8 @@ def mark_finished(cfg: FinetuneConfig, run_id: str) -> None:
     MlflowClient(tracking_uri=cfg.tracking_uri).set_terminated(run_id, status="FINISHED")
 
 
-def mark_failed(cfg: FinetuneConfig, run_id: str) -> None:
+def mark_failed(cfg: FinetuneConfig, run_id: str, status: str = "FAILED") -> None:
+    """End a run that is still RUNNING as FAILED, or KILLED (stopped by a signal); both are resumed by a rerun."""
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status=status)

@@ -118,6 +118,8 @@ def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str]
     commands = trainer_commands(cfg, run_id, error_file)
     lock_fd = held_lock(cfg.work_dir)
     on_line(f"launching: {' '.join(commands[0][0])}" + (f" (x{len(commands)} processes)" if len(commands) > 1 else ""))
+    if launches_torchrun(cfg):  # torchrun arms no parent-death signal itself: it gets SIGTERM when this flow ends
+        commands = [(shell.with_parent_death_signal(argv), env) for argv, env in commands]
     try:
         returncode = shell.stream_all(commands, cfg.project_dir, on_line, pass_fds=() if lock_fd is None else (lock_fd,))
         timed_out = returncode != 0 and rendezvous_timed_out(error_file)
@@ -156,6 +158,13 @@ def rendezvous_timeout(cfg: FinetuneConfig) -> TrainerFailed:
         f"within flow.torchrun.join_timeout = {torchrun.get('join_timeout')} s; start `python -m pipelines.finetune --set "
         "flow.torchrun.node_rank=<i>` on every node with the same endpoint and rdzv_id, and check that this port is reachable "
         "from them (not retried: a retry would wait as long again)", retryable=False)
+
+
+def is_stop_signal(exc: BaseException | None) -> bool:
+    """Ctrl-C or SIGTERM (Prefect's TerminationSignal inside a flow, shell.Terminated outside): stopped, not failed."""
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(exc, KeyboardInterrupt | TerminationSignal | shell.Terminated)
 
 
 def is_retryable(exc: BaseException | None) -> bool:

@@ -319,17 +319,64 @@ def ancestors(pid: int | None = None) -> set[int]:
 PARENT_PID_ENV = "NLG_PARENT_PID"  # set by a launcher whose death must end this process
 
 
+def _parents() -> dict[int, int]:
+    """PID -> parent PID of every process (Linux /proc; empty elsewhere)."""
+    table: dict[int, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return table
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                table[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid`'s children, their children, ... (parents before their children; Linux /proc, empty elsewhere)."""
+    kids: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        kids.setdefault(parent, []).append(child)
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for kid in kids.get(todo.pop(0), []):
+            if kid not in found and kid != pid:
+                found.append(kid)
+                todo.append(kid)
+    return found
+
+
+def arm_parent_death_signal(parent: int, signum: int | None = None) -> bool:
+    """Ask Linux to send this process `signum` (SIGTERM) when its parent ends; False when `parent` is already gone
+    (the caller exits then). Linux only (True elsewhere, nothing armed). The signal comes when the parent *thread*
+    that started this process ends: launchers start their children from a thread that outlives them."""
+    if not sys.platform.startswith("linux"):
+        return True
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM if signum is None else signum)  # 1 = PR_SET_PDEATHSIG
+    return os.getppid() == parent  # checked after arming: a parent that died before is not missed
+
+
+def disarm_parent_death_signal() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 0)
+
+
 def die_with_parent() -> None:
     """When a launcher named itself in NLG_PARENT_PID: SIGTERM this process when the launcher ends (Linux), and
     exit now if it already has. Armed here, in the child, because a preexec hook is unsafe in a threaded flow."""
     parent = os.environ.get(PARENT_PID_ENV)
-    if not parent or not sys.platform.startswith("linux"):
+    if not parent or not parent.isdigit():
         return
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != int(parent):  # it died before the signal was armed
+    if not arm_parent_death_signal(int(parent)):  # it died before the signal was armed
         raise SystemExit(f"error: the launcher (PID {parent}) is gone; not training on")
 
 

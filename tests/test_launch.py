@@ -164,3 +164,45 @@ def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_p
     with pytest.raises(InputError, match="symbolic link"):
         lock_work_dir(work_dir)
     assert victim.read_text() == "keep me"
+
+
+def test_stopping_the_commands_ends_what_they_started_even_what_ignores_sigterm(tmp_path):
+    """torchrun's workers are the trainer's processes: stopping torchrun must end them too, SIGKILL after the grace."""
+    from pipelines import shell
+
+    pid_file = tmp_path / "grandchild.pid"
+    stubborn = [sys.executable, "-c", textwrap.dedent(f"""
+        import signal, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(300)
+    """)]
+    failing = [sys.executable, "-c",
+               f"import os, time\nwhile not os.path.exists({str(pid_file)!r}): time.sleep(0.05)\ntime.sleep(0.5)\nraise SystemExit(3)"]
+    started = time.monotonic()
+    assert shell.stream_all([(stubborn, dict(os.environ)), (failing, dict(os.environ))], tmp_path, lambda line: None) == 3
+    assert time.monotonic() - started < shell.STOP_GRACE_S + 15
+    grandchild = int(pid_file.read_text())
+    assert not shell.alive(grandchild), "the rank's own child outlived the stop"
+
+
+def test_a_command_started_with_the_parent_death_signal_ends_with_its_launcher(tmp_path):
+    """How torchrun and Prefect's API server end with the flow, even when it is killed with SIGKILL."""
+    launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import subprocess, sys, time
+        from pipelines.shell import with_parent_death_signal
+        child = subprocess.Popen(with_parent_death_signal([sys.executable, "-c", "import time; time.sleep(300)"]))
+        print(child.pid, flush=True)
+        time.sleep(300)
+    """)], cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        child = psutil.Process(int(launcher.stdout.readline()))
+        time.sleep(0.5)  # the guard has armed the signal and become the command
+        assert "time.sleep(300)" in " ".join(child.cmdline())
+        launcher.kill()
+        launcher.wait()
+        _, left = psutil.wait_procs([child], timeout=10)
+        assert not left, "the command outlived its launcher"
+    finally:
+        launcher.kill()
