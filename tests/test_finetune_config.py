@@ -1,0 +1,57 @@
+"""pipelines/finetune_config.py: params.yaml's finetune and flow sections as the trainer's and torchrun's command
+lines, and the stage's refusal of bad params before anything starts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_trainer_flags_follow_the_params_section():
+    from pipelines.finetune import trainer_argv
+    from steps.train_config import parse_config
+
+    section = {"train_data": "t.jsonl", "valid_data": "v.jsonl", "lr": 0.0002, "correct_bias": True, "no_decay_bias": False,
+               "max_epoch": None, "max_step": 7, "lora_targets": ["q", "v"], "adam_epislon": 1e-06}
+    argv = trainer_argv(section)
+    assert argv == ["--train_data", "t.jsonl", "--valid_data", "v.jsonl", "--lr", "0.0002", "--correct_bias", "--max_step", "7",
+                    "--lora_targets", "q,v", "--adam_epislon", "1e-06"]
+    parsed = parse_config(argv)  # the trainer's own parser is the reference
+    assert (parsed.lr, parsed.correct_bias, parsed.no_decay_bias, parsed.max_epoch, parsed.max_step) == (0.0002, True, False, None, 7)
+
+
+def test_torchrun_command_single_node_and_multi_node():
+    from torch.distributed.run import get_args_parser
+
+    from pipelines.finetune import torchrun_argv
+
+    single = torchrun_argv({"nproc_per_node": 2, "nnodes": 1, "node_rank": 0, "master_addr": "", "master_port": 0, "rdzv_endpoint": ""})
+    assert single[:3] == [sys.executable, "-m", "torch.distributed.run"] and single[-2:] == ["-m", "steps.train"]
+    args = get_args_parser().parse_args([*single[3:-2], "-m", "steps.train"])
+    assert args.standalone and args.nproc_per_node == "2"
+
+    multi = torchrun_argv({"nproc_per_node": 8, "nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1", "master_port": 29500,
+                           "rdzv_backend": "", "rdzv_endpoint": "", "rdzv_id": ""})
+    args = get_args_parser().parse_args([*multi[3:-2], "-m", "steps.train"])
+    assert not args.standalone
+    assert (args.nnodes, args.node_rank, args.master_addr, args.master_port) == ("2", 1, "10.0.0.1", 29500)
+
+
+def test_bad_params_fail_fast_with_status_2(tmp_path, capsys):
+    from pipelines.finetune import main
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["flow"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--params", str(tmp_path / "params.yaml"), "--project_dir", str(tmp_path)]) == 2
+    assert "missing section 'flow:'" in capsys.readouterr().err
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--params", str(tmp_path / "params.yaml"), "--project_dir", str(tmp_path)]) == 2
+    assert "does not exist; run the earlier stages first" in capsys.readouterr().err
+    assert main(["--params", str(tmp_path / "absent.yaml"), "--project_dir", str(tmp_path)]) == 2
+    assert "params file not found" in capsys.readouterr().err
