@@ -186,7 +186,10 @@ def _wait_for_sqlite(path: Path, wait_s: float, say: Any) -> None:
                 db.execute("BEGIN IMMEDIATE")  # the lock a writer needs; released at once
                 db.rollback()
             return
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:  # OperationalError ("database is locked", ...) is one
+            if not isinstance(exc, sqlite3.OperationalError):  # "file is not a database", "database disk image is malformed"
+                raise InputError(f"the MLflow store is damaged ({exc}); move it aside (mv {path.name} {path.name}.broken) and "
+                                 "rerun to start a new one, or restore it from a backup", path) from None
             if "locked" not in str(exc):
                 raise InputError(f"the MLflow store cannot be opened ({exc})", path) from None
             if timeout != wait_s:

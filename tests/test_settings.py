@@ -59,3 +59,14 @@ def test_a_locked_sqlite_store_is_waited_for_within_a_stated_bound(tmp_path):
     assert 0.5 < time.monotonic() - started < 30
     releaser.join()
     holder.close()
+
+
+def test_a_damaged_sqlite_store_is_one_line_saying_what_to_do(tmp_path):
+    """It used to end the flow and the register stage with sqlite3's traceback ("file is not a database")."""
+    from pipelines.settings import check_tracking_store
+    from steps.common import InputError
+
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"not a database, just bytes " * 100)
+    with pytest.raises(InputError, match=r"the MLflow store is damaged \(file is not a database\); move it aside \(mv mlflow.db"):
+        check_tracking_store(f"sqlite:///{store}")
