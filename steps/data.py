@@ -95,6 +95,15 @@ def collate(examples: list[Example], pad_to: int | None = None) -> dict[str, tor
     return batch
 
 
+def require_examples_for_update(n_examples: int, world_size: int, batch_size: int, grad_acc: int, source: str | os.PathLike) -> None:
+    """An update takes world x batch x grad_acc examples: more than the training set would repeat examples in every
+    update (and a huge one, --grad_acc 1e12, could not even be planned)."""
+    if (per_update := world_size * batch_size * grad_acc) > n_examples:
+        raise InputError(f"an update of {world_size} process(es) x --train_batch_size {batch_size} x --grad_acc {grad_acc} = "
+                         f"{per_update:,} examples is more than the {n_examples:,} training examples; lower --train_batch_size "
+                         "or --grad_acc", source)
+
+
 def epoch_updates(
     lengths: list[int], batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
     grad_acc: int = 1, bucket_window: int = 0,

@@ -10,9 +10,8 @@ One change in semantics, on purpose: the loss of an update is the token mean ove
 micro-batches on all ranks). So batch 8 equals batch 4 x grad_acc 2 equals 2 processes x batch 4, exactly.
 With one process and grad_acc 1 it is the original's per-batch token mean.
 
-Each update runs in dynamic shapes (every batch its own shape: the reference) or, with --shapes static, in
-length buckets through steps/static_update.py, eagerly or replayed from CUDA graphs (--cuda_graphs; on CUDA by
-default where the settings allow it; docs/training.md, "The GPU fast path").
+Each update runs in dynamic shapes (steps/dynamic_update.py, the reference) or, with --shapes static, in length
+buckets (steps/static_update.py), eagerly or replayed from CUDA graphs (docs/training.md, "The GPU fast path").
 
 The work dir gets the adapter, `checkpoints/step_N/`, `best/`, `resume/state.pt`, the CSV logs, `summary.json` and
 `status.json` (completed, bad_input, diverged, or "running" after a crash: the flow's retry decision).
@@ -35,7 +34,7 @@ from steps import checkpoints as ckpt
 from steps import reports, runtime
 from steps.adapters import start_from_adapter
 from steps.common import InputError, TrainingDiverged, claim_outputs, die_with_parent, run_stage, write_json
-from steps.data import EpochPlan, Example, collate, epoch_updates, load_splits, shard_sequential
+from steps.data import EpochPlan, Example, collate, epoch_updates, load_splits, require_examples_for_update, shard_sequential
 from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
 from steps.dynamic_update import DynamicUpdater
 from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
@@ -101,6 +100,7 @@ class Trainer:
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epislon,
             weight_decay=cfg.weight_decay, correct_bias=cfg.correct_bias)
         self.lengths = [len(e.input) for e in self.train_set]
+        require_examples_for_update(len(self.train_set), env.world, cfg.train_batch_size, cfg.grad_acc, cfg.train_data)
         self.updates_per_epoch = len(self.epoch_plan(1))
         self.max_step = resolve_max_step(cfg, self.updates_per_epoch)
         try:
@@ -108,9 +108,8 @@ class Trainer:
         except ValueError as exc:
             raise InputError(f"bad schedule settings: {exc}") from None
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
-        self.step = 0  # optimizer updates done
-        self.epoch = 1  # epochs count from 1, as in the original
-        self.update_in_epoch = 0  # updates of the current epoch already done
+        # Optimizer updates done; the epoch (counted from 1, as in the original) and the updates of it already done.
+        self.step, self.epoch, self.update_in_epoch = 0, 1, 0
         self._plan: EpochPlan = []
         self._plan_epoch = -1
         self.best_valid = math.inf

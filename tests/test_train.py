@@ -259,3 +259,11 @@ def test_ctrl_c_stops_the_trainer_in_seconds_and_the_rerun_resumes(tmp_path):
     os.killpg(rerun.pid, signal.SIGINT)
     rerun.communicate(timeout=60)
     assert re.search(r"at update ([2-9]|\d\d+)", resumed), resumed
+
+
+@pytest.mark.parametrize("override", [{"grad_acc": 10**12}, {"train_batch_size": 10**12}, {"train_batch_size": 41}])
+def test_an_update_larger_than_the_training_set_is_refused_in_one_line(tmp_path, capsys, override):
+    """--grad_acc 1e12 used to end in a traceback from trying to allocate 8 TB for the epoch plan."""
+    assert main(tiny_run_args(tmp_path / "data", tmp_path / "run", **override)) == 2
+    err = capsys.readouterr().err
+    assert "examples is more than the 40 training examples; lower --train_batch_size or --grad_acc" in err and err.count("\n") == 1
