@@ -55,11 +55,11 @@ from torch import nn
 from tqdm import tqdm
 
 from benchmarks import common
-from steps.beam import BeamConfig, Hypothesis
-from steps.common import InputError, run_stage
+from steps.core.common import InputError, run_stage
 from steps.decode import make_query, search_queries
-from steps.model import CARDS, GPT2, KVCache, card
-from steps.tokenizer import EOS_ID
+from steps.decoding.beam import BeamConfig, Hypothesis
+from steps.model.gpt2 import CARDS, GPT2, KVCache, card
+from steps.model.tokenizer import EOS_ID
 
 Search = Callable[[nn.Module, list[list[int]], BeamConfig], list[Hypothesis]]  # queries -> best hypothesis per query
 EOS_BIAS = 50.0  # added to the eos logit once a hypothesis reaches --stop_after tokens: eos then wins every beam

@@ -7,7 +7,7 @@ Only the optimizer step is timed (gradients are fixed random tensors).
     .venv/bin/python benchmarks/bench_optim.py --device cuda   # on a GPU machine
 
 Measured on the 2-core CPU dev box (torch 2.13 CPU, shared, --threads 1, median us/step): original loop 875,
-ours 712, ours capturable 2411 (steps.optim.CapturableAdamW, then in benchmarks/; many 0-d tensor ops: meant for CUDA graphs only),
+ours 712, ours capturable 2411 (steps.training.optim.CapturableAdamW, then in benchmarks/; many 0-d tensor ops: meant for CUDA graphs only),
 torch foreach 885, torch fused 273. torch's fused kernel is ~2.6x faster on CPU but computes a different formula
 (eps after the bias correction, weight decay before the update; docs/fidelity.md); at well under 1 ms per update
 the optimizer is not where CPU time goes, so the trainer keeps the original's exact AdamW.
@@ -28,7 +28,7 @@ from torch import nn
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: `benchmarks`, `steps` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from steps.optim import AdamW, CapturableAdamW
+from steps.training.optim import AdamW, CapturableAdamW
 
 SETTINGS = dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 
@@ -67,7 +67,7 @@ class OriginalLoop:
 def candidates(device: str) -> dict[str, Callable[[list[nn.Parameter]], object]]:
     return {
         "original per-parameter loop": lambda ps: OriginalLoop(ps, **SETTINGS),
-        "ours (steps.optim.AdamW)": lambda ps: AdamW(ps, correct_bias=True, **SETTINGS),
+        "ours (steps.training.optim.AdamW)": lambda ps: AdamW(ps, correct_bias=True, **SETTINGS),
         "ours, capturable": lambda ps: CapturableAdamW(ps, correct_bias=True, **SETTINGS),
         "torch AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, foreach=True, **SETTINGS),
         "torch AdamW fused=True": lambda ps: torch.optim.AdamW(ps, fused=True, **SETTINGS),

@@ -30,7 +30,7 @@ Variants (each in its own subprocess, so peak memory is per variant):
                    torch AdamW (fused), fp32
   peft_bf16   (c)  the same under bf16 autocast; "(c) at its best" is the faster of the two
 
-Every unbucketed variant sees exactly the same examples in each update (the plan of steps.data.epoch_updates); the
+Every unbucketed variant sees exactly the same examples in each update (the plan of steps.training.data.epoch_updates); the
 bucketed ones (ours, ours_bucket, ours_static, ours_graph) see the trainer's bucketed plan of the same data. examples/s compare
 directly either way (every update holds `--batch` examples). The first `--warmup` updates are not timed.
 
@@ -73,10 +73,10 @@ from torch import nn
 from tqdm import tqdm
 
 from benchmarks import common
-from steps.common import InputError
-from steps.data import Example, build_examples, epoch_updates
-from steps.model import CARDS, GPT2, GPT2Config, card
-from steps.tokenizer import EOS_ID
+from steps.core.common import InputError
+from steps.model.gpt2 import CARDS, GPT2, GPT2Config, card
+from steps.model.tokenizer import EOS_ID
+from steps.training.data import Example, build_examples, epoch_updates
 
 
 def pipeline_defaults() -> dict[str, Any]:
@@ -217,8 +217,8 @@ class ReferenceLossModule(nn.Module):
 
 
 def trainer_args(encoded: Path, settings: dict[str, Any], variant: str, work_dir: str):
-    from steps.distributed import resolve_precision
-    from steps.train_config import parse_config
+    from steps.training.config import parse_config
+    from steps.training.distributed import resolve_precision
 
     precision, pad, bucket_window, shapes, graphs = TRAINER_VARIANTS[variant]
     precision = resolve_precision(precision, torch.device(settings["device"]))  # as steps.train.main does
@@ -233,8 +233,8 @@ def trainer_args(encoded: Path, settings: dict[str, Any], variant: str, work_dir
 
 
 def make_trainer(settings: dict[str, Any], variant: str, work_dir: str):
-    from steps.distributed import Dist
     from steps.train import Trainer
+    from steps.training.distributed import Dist
 
     args = trainer_args(Path(settings["encoded"]), settings, variant, work_dir)
     return Trainer(args, Dist(0, 1, torch.device(settings["device"])))

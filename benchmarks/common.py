@@ -25,11 +25,11 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402  (after the sys.path fix on purpose)
 from tqdm import tqdm  # noqa: E402
 
-from steps.common import InputError, write_json  # noqa: E402
+from steps.core.common import InputError, write_json  # noqa: E402
 from steps.encode import encode_pairs  # noqa: E402
+from steps.model.tokenizer import get_tokenizer  # noqa: E402
 from steps.prepare import read_e2e_txt  # noqa: E402
 from steps.sample_data import generate_sample  # noqa: E402
-from steps.tokenizer import get_tokenizer  # noqa: E402
 
 SHARED_E2E = REPO.parent / "shared" / "data" / "e2e"
 OUT_DIR = REPO / "benchmarks" / "out"

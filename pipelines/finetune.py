@@ -19,7 +19,7 @@ import sys
 
 from pipelines import settings, shell
 from pipelines.finetune_config import FinetuneConfig, load_config, torchrun_argv, trainer_argv, world_size
-from steps.common import EXIT_INTERRUPTED, InputError, run_stage
+from steps.core.common import EXIT_INTERRUPTED, InputError, run_stage
 
 __all__ = ["FinetuneConfig", "build_parser", "load_config", "main", "torchrun_argv", "trainer_argv", "world_size"]
 

@@ -2,7 +2,7 @@
 are touched, and turned into the trainer's and torchrun's command lines.
 
 Every check answers in one line that names the params.yaml key, the bad value and what is allowed. The
-trainer's option ranges come from steps.train_config, the same table `python -m steps.train` uses.
+trainer's option ranges come from steps.training.config, the same table `python -m steps.train` uses.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import settings
-from steps.common import InputError
-from steps.train_config import OPTIONS, option_problems
-from steps.work_dir import WorkDir
+from steps.core.common import InputError
+from steps.formats.work_dir import WorkDir
+from steps.training.config import OPTIONS, option_problems
 
 FLOW_KEYS = ["torchrun", "retries", "retry_delay_seconds"]
 TORCHRUN_KEYS = ["nproc_per_node", "nnodes", "node_rank", "max_restarts", "join_timeout"]
@@ -43,7 +43,7 @@ class FinetuneConfig:
 
     @property
     def work(self) -> WorkDir:
-        """The work dir's files (steps/work_dir.py)."""
+        """The work dir's files (steps/formats/work_dir.py)."""
         return WorkDir(self.work_dir)
 
     @property
@@ -77,7 +77,7 @@ def load_config(params_file: str | os.PathLike, project_dir: str | os.PathLike =
 
 def check_trainer_section(trainer: dict[str, Any], source: Path) -> None:
     """Unknown keys (a typo such as `lora_dmi`), values of the wrong type, bad choices and out-of-range values, all
-    named at once (the checks of steps.train_config, derived from the options' one declaration)."""
+    named at once (the checks of steps.training.config, derived from the options' one declaration)."""
     problems = [f"finetune.{key} is not a trainer option (did you mean one of: {', '.join(close_matches(key, OPTIONS))}?)"
                 for key in trainer if key not in OPTIONS]
     problems += option_problems(trainer, name=lambda key: f"finetune.{key}")

@@ -23,7 +23,7 @@ from prefect.context import FlowRunContext
 
 from pipelines import mlflow_run, trainer_launch
 from pipelines.finetune_config import FinetuneConfig, load_config
-from steps.common import work_dir_lock
+from steps.core.process import work_dir_lock
 
 
 def retry_unless_final(task_: Any, task_run: Any, state: Any) -> bool:

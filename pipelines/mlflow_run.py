@@ -1,7 +1,7 @@
 """The finetune stage's MLflow run: what it records about its inputs, and when a rerun continues it.
 
 A run is resumed (instead of a new one started) when the previous one did not finish and the trainer's
-fingerprint (steps.train_config.fingerprint: settings, world size, data, base and code) is the same; the
+fingerprint (steps.training.config.fingerprint: settings, world size, data, base and code) is the same; the
 trainer then continues from its own resume state under the same fingerprint. Otherwise the trainer's
 outputs in the work dir are removed and a fresh run starts.
 """
@@ -20,9 +20,9 @@ from mlflow.entities import Param
 
 from pipelines import settings
 from pipelines.finetune_config import FinetuneConfig, trainer_argv, world_size
-from steps.common import InputError, file_digest, sha256_file
-from steps.tracking import read_run_file, write_run_file
-from steps.train_config import fingerprint, fingerprint_digest, parse_config
+from steps.core.common import InputError, file_digest, sha256_file
+from steps.core.tracking import read_run_file, write_run_file
+from steps.training.config import fingerprint, fingerprint_digest, parse_config
 
 RESUMABLE_STATUSES = {"RUNNING", "FAILED", "KILLED"}
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
@@ -124,7 +124,7 @@ def start_or_resume(cfg: FinetuneConfig, inputs: dict[str, Any], flow_run: Any =
     if resumed:
         client.update_run(run_id, status="RUNNING")
     else:
-        cfg.work.set_aside()  # kept until this run succeeds (steps/work_dir.py)
+        cfg.work.set_aside()  # kept until this run succeeds (steps/formats/work_dir.py)
         name = f"{cfg.trainer['model_card']}-r{cfg.trainer.get('lora_dim', 0)}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = client.create_run(experiment_id, run_name=name).info.run_id
     log_params_once(client, run_id, {**settings.flatten(cfg.params), **inputs})

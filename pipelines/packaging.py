@@ -22,9 +22,9 @@ from typing import Any
 import mlflow
 
 from pipelines.finetune_config import FinetuneConfig
-from steps.beam import BeamConfig
-from steps.common import InputError, iter_jsonl
-from steps.tokenizer import EOS_ID
+from steps.core.common import InputError, iter_jsonl
+from steps.decoding.beam import BeamConfig
+from steps.model.tokenizer import EOS_ID
 
 
 @contextlib.contextmanager
@@ -126,11 +126,13 @@ def pip_requirements() -> list[str]:
 
 
 def staged_code(into: Path) -> Path:
-    """A copy of steps/*.py (no caches) shipped inside the model, so it loads without this checkout."""
+    """A copy of the steps package's sources (its sub-packages too, no caches) shipped inside the model, so it loads
+    without this checkout."""
     target = into / "steps"
-    target.mkdir(parents=True)
-    for path in sorted(STEPS_DIR.glob("*.py")):
-        shutil.copy2(path, target / path.name)
+    for path in sorted(STEPS_DIR.rglob("*.py")):
+        copy = target / path.relative_to(STEPS_DIR)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, copy)
     return target
 
 
@@ -139,7 +141,7 @@ def example_contexts(cfg: FinetuneConfig, count: int = 1) -> list[str]:
 
     MLflow loads the logged model and predicts this example as a smoke test, so keep it short.
     """
-    from steps.tokenizer import get_tokenizer
+    from steps.model.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
     contexts = []
@@ -156,7 +158,7 @@ def search_params(model_config: dict[str, Any]) -> Any:
     """The decoding settings a request may override as MLflow params, with the logged model's values as defaults."""
     from mlflow.types import ParamSchema, ParamSpec
 
-    from steps.beam import REQUEST_OPTIONS
+    from steps.decoding.beam import REQUEST_OPTIONS
 
     def spec(name: str) -> Any:
         value = model_config[name]

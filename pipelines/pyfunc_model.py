@@ -41,7 +41,7 @@ from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, INVA
 BASE_ENV = "LORA_NLG_BASE_CHECKPOINT"
 INPUT_COLUMN = "meaning_representation"
 
-# The decoding settings besides the search's own (those build a steps.beam.BeamConfig).
+# The decoding settings besides the search's own (those build a steps.decoding.beam.BeamConfig).
 QUERY_KEYS = ("seq_len", "batch_size", "add_bos")
 
 # Per-request bounds: the model config keys (packaging.model_config_for writes them) and their defaults.
@@ -82,8 +82,8 @@ def request_bounds(config: dict[str, Any]) -> dict[str, Any]:
     (a full request at the model's own settings fits); 50 s. A bound that would refuse the model's own settings is an
     error at load time.
     """
-    from steps.beam import BeamConfig
-    from steps.common import DEFAULT_SEQ_LEN, InputError
+    from steps.core.common import DEFAULT_SEQ_LEN, InputError
+    from steps.decoding.beam import BeamConfig
 
     stored = BeamConfig()
     seq_len = int(config.get("seq_len") or DEFAULT_SEQ_LEN)
@@ -125,7 +125,7 @@ def find_base_checkpoint(config: dict[str, Any]) -> Path:
 
     The sha256 check against the adapter's recorded base happens in steps.decode.load_for_inference.
     """
-    from steps.common import InputError
+    from steps.core.common import InputError
 
     chosen = [("model_config init_checkpoint", config.get("init_checkpoint")), (BASE_ENV, os.environ.get(BASE_ENV))]
     for origin, value in chosen:
@@ -165,7 +165,7 @@ def contexts_from(model_input: pd.DataFrame | dict | list) -> list[str]:
     A DataFrame built from JSON keeps whatever each row held (an int, a list, an object, a boolean); decoding
     str() of it would answer garbage, so any value that is not a string is refused, naming its row and type.
     """
-    from steps.common import InputError
+    from steps.core.common import InputError
 
     if isinstance(model_input, list):
         values, where = model_input, "the input list"
@@ -193,8 +193,8 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
     """GPT-2 + LoRA adapter that turns meaning representations into text with batched beam search."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from steps.beam import BeamConfig
         from steps.decode import load_for_inference
+        from steps.decoding.beam import BeamConfig
 
         config = dict(context.model_config or {})
         self.bounds = request_bounds(config)  # before the weights: a bad bound fails in a second
@@ -208,7 +208,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         answers with HTTP 400 and one line (a server keeps serving); running past the time budget raises it with
         DEADLINE_EXCEEDED (HTTP 504) and stops decoding; any other failure is one line (HTTP 500) and the traceback
         goes to the server's log, never into the answer."""
-        from steps.common import InputError
+        from steps.core.common import InputError
 
         started = time.monotonic()
         try:
@@ -255,8 +255,8 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         """
         import dataclasses
 
-        from steps.beam import REQUEST_OPTIONS
-        from steps.common import InputError
+        from steps.core.common import InputError
+        from steps.decoding.beam import REQUEST_OPTIONS
 
         changes = {}
         for name in (name for name in REQUEST_OPTIONS if name in params):
@@ -275,7 +275,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
 
     def check_bounds(self, rows: int, search: Any) -> None:
         """The request against the model's bounds (module docstring); each refusal names the model config key."""
-        from steps.common import InputError
+        from steps.core.common import InputError
 
         bounds = self.bounds
         if rows > bounds["max_rows"]:
@@ -293,8 +293,8 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
     def check_lengths(self, texts: list[str], eval_len: int) -> None:
         """An MR longer than the model's query window (seq_len - eval_len, with the request's eval_len) would be cut
         silently; say so instead."""
-        from steps.common import InputError
-        from steps.tokenizer import get_tokenizer
+        from steps.core.common import InputError
+        from steps.model.tokenizer import get_tokenizer
 
         limit = int(self.query_options.get("seq_len", 512)) - eval_len
         tokenizer = get_tokenizer()

@@ -29,9 +29,9 @@ from typing import Any
 
 from pipelines import settings
 from pipelines.finetune_config import FinetuneConfig, load_config
-from steps import eval_extra
-from steps.beam import REQUEST_OPTIONS
-from steps.common import InputError, run_stage, sha256_file, write_json
+from steps.core.common import InputError, run_stage, sha256_file, write_json
+from steps.decoding.beam import REQUEST_OPTIONS
+from steps.metrics import report as eval_extra
 
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "TER", "SER")  # what metrics/eval.json may hold at its top level
 LOWER_IS_BETTER = frozenset({"SER", "TER"})  # error rates; the others are similarities
@@ -153,7 +153,7 @@ def current_champion(client: Any, model: str, alias: str) -> Any | None:
 
 def run_record(cfg: FinetuneConfig) -> dict[str, Any]:
     """The finetune run this adapter came from, from the run file; refused when it names another project's store."""
-    from steps.tracking import read_run_file
+    from steps.core.tracking import read_run_file
 
     path = cfg.path(cfg.tracking["run_file"])
     record = read_run_file(path)

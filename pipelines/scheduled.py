@@ -3,7 +3,7 @@
 The deployment passes only `project_dir`; everything else (which targets, whether to wait for DVC's
 lock) is read from that project's params.yaml `schedule:` section at run time, so editing params.yaml
 takes effect on the next run (the cron itself is read when the deployment is created).
-Deployments of this flow have a concurrency limit of one (pipelines/serve.py, prefect.yaml), so two
+Deployments of this flow have a concurrency limit of one (pipelines/schedule.py, prefect.yaml), so two
 scheduled runs never contend for DVC's repository lock.
 """
 
@@ -26,7 +26,7 @@ if __name__ == "__main__":  # run as a program: the offline defaults go in befor
 from prefect import flow, get_run_logger
 
 from pipelines import shell
-from steps.common import InputError
+from steps.core.common import InputError
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 

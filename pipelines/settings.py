@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from steps.common import InputError
+from steps.core.common import InputError
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # this checkout: steps/ and pipelines/ live here
 
@@ -175,7 +175,7 @@ def _check_server(uri: str) -> None:
 def _wait_for_sqlite(path: Path, wait_s: float, say: Any) -> None:
     import sqlite3
 
-    from steps.common import require_writable
+    from steps.core.common import require_writable
 
     require_writable(path.parent)
     if not path.exists():

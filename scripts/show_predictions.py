@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, without installing
 
-from steps.common import iter_jsonl, run_stage
-from steps.slot_error import check_corpus, is_e2e_mr
+from steps.core.common import iter_jsonl, run_stage
+from steps.metrics.slot_error import check_corpus, is_e2e_mr
 
 
 def unique_predictions(path: Path) -> dict[str, str]:

@@ -30,8 +30,11 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from steps.beam import BeamConfig, Hypothesis, beam_search
-from steps.checkpoints import (
+from steps.core.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, require_writable, run_stage, sha256_file
+from steps.datasets.readers import DATASETS
+from steps.decoding.beam import BeamConfig, Hypothesis, beam_search
+from steps.decoding.scorer_files import clean_text, write_scorer_files
+from steps.formats.checkpoints import (
     apply_adapter,
     load_adapter,
     load_base_weights,
@@ -39,12 +42,9 @@ from steps.checkpoints import (
     model_config_of,
     read_tensors,
 )
-from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, require_writable, run_stage, sha256_file
-from steps.datasets import DATASETS
-from steps.decode_text import clean_text, write_scorer_files
-from steps.distributed import PRECISIONS
-from steps.model import GPT2, card
-from steps.tokenizer import EOS_ID, get_tokenizer
+from steps.model.gpt2 import GPT2, card
+from steps.model.tokenizer import EOS_ID, get_tokenizer
+from steps.training.distributed import PRECISIONS
 
 # Unique queries searched together: the original gpt2_beam.py's --batch_size. Not a BeamConfig field, because it
 # changes only how many searches share a forward pass (speed and memory), never a result: a batched search returns
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from steps import runtime
+    from steps.core import runtime
 
     runtime.keep_large_allocations()  # here, not in main(): tests call main() in their own process
     sys.exit(main())

@@ -26,9 +26,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steps.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, require_writable, run_stage
-from steps.encoded_meta import META_FORMAT, META_VERSION, meta_path
-from steps.tokenizer import Tokenizer, get_tokenizer
+from steps.core.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, require_writable, run_stage
+from steps.formats.encoded_meta import META_FORMAT, META_VERSION, meta_path
+from steps.model.tokenizer import Tokenizer, get_tokenizer
 
 CHUNK = 4096  # completions encoded per batch call; also the progress-bar step
 PROGRESS_MIN_LINES = 10_000

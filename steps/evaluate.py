@@ -8,8 +8,8 @@ E2E (default): the official scorer's inputs (`measure_scores.py REF_FILE PRED_FI
 lines (or the E2E CSV with `mr,ref` columns), one prediction per line; BLEU, NIST, METEOR, ROUGE-L, CIDEr.
 WebNLG / DART: REF_FILE is a directory of reference0..referenceN-1 files (one line per instance each, as
 gpt2_decode writes them); BLEU, METEOR and TER, as GenerationEval computes them.
-E2E also gets the slot error rate (`SER`, `slot_errors`; steps/slot_error.py) when the contexts are known, and
-with --base_pred_file the base model alone is scored the same way, under `base` (steps/eval_extra.py).
+E2E also gets the slot error rate (`SER`, `slot_errors`; steps/metrics/slot_error.py) when the contexts are known, and
+with --base_pred_file the base model alone is scored the same way, under `base` (steps/metrics/report.py).
 Prints the scorer's `SCORES:` block, writes the JSON atomically, and optionally logs `eval/<metric>` and a
 per-example table into the finetune stage's MLflow run.
 """
@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from steps import e2e_metrics, eval_extra
-from steps.common import InputError, iter_jsonl, require_writable, run_stage, write_json
-from steps.datasets import DATASETS as REF_TYPES  # each dataset family has its reference layout
+from steps.core.common import InputError, iter_jsonl, require_writable, run_stage, write_json
+from steps.datasets.readers import DATASETS as REF_TYPES  # each dataset family has its reference layout
+from steps.metrics import report as eval_extra
+from steps.metrics import scorers as e2e_metrics
 
 # CSV column names accepted for the MR and the reference (the E2E release uses "mr" and "ref").
 MR_COLUMNS = re.compile(r"(mr|src|source|meaning[_ .-]?representation)s?", re.I)
@@ -370,7 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         write_json(args.json, record)
     if args.mlflow_run_file:
-        from steps.tracking import log_predictions_table
+        from steps.core.tracking import log_predictions_table
 
         log_predictions_table(str(args.mlflow_run_file), table)
     headline = ", ".join(f"{name} {record[name]:.4f}" for name in names if name in record)

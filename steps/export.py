@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from steps.adapters import read_adapter
-from steps.checkpoints import (
+from steps.core.common import InputError, atomic_write, run_stage, sha256_file, write_json
+from steps.formats.adapters import read_adapter
+from steps.formats.checkpoints import (
     ADAPTER_CONFIG,
     ADAPTER_FORMAT,
     ADAPTER_WEIGHTS,
@@ -34,10 +35,9 @@ from steps.checkpoints import (
     save_hf_checkpoint,
     stable_safetensors_bytes,
 )
-from steps.common import InputError, atomic_write, run_stage, sha256_file, write_json
-from steps.model import GPT2, GPT2Config
-from steps.peft_format import default_base_model, write_peft
-from steps.tokenizer import EOS_ID
+from steps.formats.peft import default_base_model, write_peft
+from steps.model.gpt2 import GPT2, GPT2Config
+from steps.model.tokenizer import EOS_ID
 
 FORMATS = ("peft", "merged", "nlg")
 HF_WEIGHTS = "model.safetensors"

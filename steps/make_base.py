@@ -3,7 +3,7 @@
 Real users fine-tune a GPT-2 that was pretrained on web text; offline there are no such weights. The project ships
 a stand-in built by this module once, long and cheaply (`data/base/`, with a manifest saying how): a seeded
 `gpt2.tiny` trained as a plain language model on documents that can only be predicted by copying names and values
-from a record above them (steps.standin_corpus). The default pipeline adapts that file; it never pretrains.
+from a record above them (steps.datasets.standin_corpus). The default pipeline adapts that file; it never pretrains.
 
 Two cheap tricks make hours of 2-core pretraining enough:
 - **The loss runs over the corpus's own token set** (a few thousand of GPT-2's 50,257 tokens): the LM head is
@@ -11,7 +11,7 @@ Two cheap tricks make hours of 2-core pretraining enough:
   corpus never uses (and positions past the training window) are put back to their seeded initial values at the
   end, so they are exactly as initialised (weight decay would otherwise have shrunk them), and they never win at
   decoding (tests/test_make_base.py checks it on the decoded test set).
-- **Large allocations are kept** instead of being returned to the OS at every free (steps.runtime).
+- **Large allocations are kept** instead of being returned to the OS at every free (steps.core.runtime).
 
 A **copy probe** measures what the fine-tuning needs before any LoRA: greedy decoding, with the full vocabulary, of
 records no document holds, of the corpus's own domains (a hit: the record's name in the text) and of a domain the
@@ -42,14 +42,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from steps import runtime, standin_corpus
-from steps.checkpoints import load_base_weights, save_hf_checkpoint
-from steps.common import InputError, atomic_path, run_stage, sha256_file, write_json
-from steps.model import CARDS, GPT2, card
-from steps.optim import AdamW
+from steps.core import runtime
+from steps.core.common import InputError, atomic_path, run_stage, sha256_file, write_json
+from steps.datasets import standin_corpus
+from steps.formats.checkpoints import load_base_weights, save_hf_checkpoint
+from steps.model.gpt2 import CARDS, GPT2, card
+from steps.training.optim import AdamW
 
 MANIFEST_FORMAT = "lora-nlg-standin-base"
-STATE_FILE = "build_state.pt"  # the build's own work dir, not a trainer's (steps/work_dir.py)
+STATE_FILE = "build_state.pt"  # the build's own work dir, not a trainer's (steps/formats/work_dir.py)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class Corpus:
 
 
 def build_corpus(s: BuildSettings) -> Corpus:
-    from steps.tokenizer import EOS_ID, get_tokenizer
+    from steps.model.tokenizer import EOS_ID, get_tokenizer
 
     tokenizer = get_tokenizer()
     docs = standin_corpus.documents(s.seed, s.documents)
@@ -179,7 +180,7 @@ def held_out_loss(model: GPT2, corpus: Corpus, window: int) -> float:
 def copy_probe(model: GPT2, seed: int = 0, count: int = 100, new_tokens: int = 16, unseen_domain: bool = True) -> dict[str, Any]:
     """Greedy continuations (full vocabulary) of records no document holds (of a domain the corpus never contains,
     or of its own domains): how often the text copies the record's name."""
-    from steps.tokenizer import EOS_ID, get_tokenizer
+    from steps.model.tokenizer import EOS_ID, get_tokenizer
 
     tokenizer = get_tokenizer()
     was_training = model.training

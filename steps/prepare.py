@@ -5,7 +5,7 @@ Two forms:
     python -m steps.prepare --dataset e2e --raw_dir data/raw/e2e --out_dir data/formatted   # train/valid/test.jsonl
     python -m steps.prepare data/e2e/train.txt data/e2e/train_formatted.jsonl             # the original converter
 
-Datasets (read by steps/datasets.py):
+Datasets (read by steps/datasets/readers.py):
 - e2e: the original repo's `MR||ref` text files (context kept unchanged), or the official CSV
   release, whose MRs and references are rendered in the text files' style so that a model
   trained on one form accepts the other (see docs/data.md for how close the two are).
@@ -26,8 +26,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from steps.common import InputError, atomic_write, run_stage
-from steps.datasets import DATASETS, Split, read_dataset, read_e2e_txt
+from steps.core.common import InputError, atomic_write, run_stage
+from steps.datasets.readers import DATASETS, Split, read_dataset, read_e2e_txt
 
 
 def check_not_empty(splits: dict[str, Split]) -> None:

@@ -6,7 +6,7 @@ phrase banks in the same word-tokenised style (`family - friendly`, `It 's`,
 spaces before `.` and `,`) and mention every slot of their MR. Splits share no
 MR, and the references of one MR are contiguous, as in the real valid/test files.
 
-The phrase banks also feed the stand-in base's pretraining corpus (steps.standin_corpus), which describes
+The phrase banks also feed the stand-in base's pretraining corpus (steps.datasets.standin_corpus), which describes
 restaurants with invented names and never pairs an MR with its text.
 
 Everything comes from one `random.Random(seed)` and never iterates over a set, so
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from steps.common import InputError, atomic_write, run_stage
+from steps.core.common import InputError, atomic_write, run_stage
 
 SPLITS = ("train", "valid", "test")
 

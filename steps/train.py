@@ -1,6 +1,6 @@
 """The LoRA GPT-2 trainer: `python -m steps.train ...` alone, or `torchrun --nproc_per_node N -m steps.train ...`.
 
-Command-line compatible with the original gpt2_ft.py (same option names and defaults; steps/train_config.py),
+Command-line compatible with the original gpt2_ft.py (same option names and defaults; steps/training/config.py),
 with its bugs fixed (docs/fidelity.md): the schedule counts optimizer updates, gradient accumulation skips
 the all-reduce on non-final micro-batches, batches are padded to their own length, validation is sharded
 without duplicates and all-reduced into a true token mean, and checkpoints are adapters only, with a
@@ -10,11 +10,10 @@ One change in semantics, on purpose: the loss of an update is the token mean ove
 micro-batches on all ranks). So batch 8 equals batch 4 x grad_acc 2 equals 2 processes x batch 4, exactly.
 With one process and grad_acc 1 it is the original's per-batch token mean.
 
-Each update runs in dynamic shapes (steps/dynamic_update.py, the reference) or, with --shapes static, in length
-buckets (steps/static_update.py), eagerly or replayed from CUDA graphs (docs/training.md, "The GPU fast path").
+Each update runs in dynamic shapes (steps/training/dynamic_update.py, the reference) or, with --shapes static, in length
+buckets (steps/training/static_update.py), eagerly or replayed from CUDA graphs (docs/training.md, "The GPU fast path").
 
-The work dir gets the adapter, `checkpoints/step_N/`, `best/`, `resume/state.pt`, the CSV logs, `summary.json` and
-`status.json` (completed, bad_input, diverged, or "running" after a crash: the flow's retry decision).
+What the work dir gets: steps/formats/work_dir.py.
 """
 
 from __future__ import annotations
@@ -30,22 +29,23 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from steps import checkpoints as ckpt
-from steps import reports, runtime
-from steps.adapters import start_from_adapter
-from steps.common import InputError, TrainingDiverged, claim_outputs, die_with_parent, run_stage, write_json
-from steps.data import EpochPlan, Example, collate, epoch_updates, load_splits, require_examples_for_update, shard_sequential
-from steps.distributed import Dist, resolve_precision, setup_distributed, shutdown
-from steps.dynamic_update import DynamicUpdater
-from steps.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
-from steps.loss import masked_lm_loss
-from steps.model import GPT2, card
-from steps.optim import build_scheduler, param_groups_for
-from steps.static_update import StaticUpdater
-from steps.tracking import RunLogger
-from steps.train_config import TrainConfig, fingerprint, parse_config, resolve_fast_path, resolve_max_step, setup_warnings
-from steps.train_status import record_failure, write_status
-from steps.work_dir import WorkDir
+from steps.core import runtime
+from steps.core.common import InputError, TrainingDiverged, run_stage, write_json
+from steps.core.process import claim_outputs, die_with_parent  # the work dir's lock; ending with the launcher
+from steps.core.tracking import RunLogger
+from steps.formats import checkpoints as ckpt
+from steps.formats.adapters import start_from_adapter
+from steps.formats.work_dir import WorkDir
+from steps.model.gpt2 import GPT2, card
+from steps.model.lora import LoRAConfig, mark_only_lora_trainable, parse_targets
+from steps.training import reports, status
+from steps.training.config import TrainConfig, fingerprint, parse_config, resolve_fast_path, resolve_max_step, setup_warnings
+from steps.training.data import EpochPlan, Example, collate, epoch_updates, load_splits, require_examples_for_update, shard_sequential
+from steps.training.distributed import Dist, resolve_precision, setup_distributed, shutdown
+from steps.training.dynamic_update import DynamicUpdater
+from steps.training.loss import masked_lm_loss
+from steps.training.optim import build_scheduler, param_groups_for
+from steps.training.static_update import StaticUpdater
 
 # ---------------------------------------------------------------------------------------------- set-up
 
@@ -93,7 +93,7 @@ class Trainer:
         if self.amp_dtype is not None and self.model.lora_config is not None:
             self.model.store_frozen_matrices_in(self.amp_dtype)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        # The update: dynamic shapes (the reference, steps/dynamic_update.py) or static ones (steps/static_update.py).
+        # The update: dynamic shapes (the reference, steps/training/dynamic_update.py) or static ones (steps/training/static_update.py).
         updater_class = StaticUpdater if cfg.shapes == "static" else DynamicUpdater
         self.optimizer = updater_class.optimizer_class(
             param_groups_for(self.model.named_parameters(), cfg.weight_decay, cfg.no_decay_bias),
@@ -300,7 +300,7 @@ class Trainer:
         self.maybe_resume()
         self.updater.start(lambda: self.upcoming_micro_batches(self.max_step))  # after the resume: graphs use its optimizer state
         if self.env.main:
-            write_status(self.work, "running")
+            status.write_status(self.work, "running")
         self.env.barrier()
         n_trainable = sum(p.numel() for p in self.trainable)
         self.log(f"train: {len(self.train_set)} examples, valid: {len(self.valid_set)} | {cfg.model_card} | trainable params "
@@ -365,7 +365,7 @@ class Trainer:
             reports.write_plots(self.work, self.cfg.plots_dir)
             self.tracker.log_artifacts(self.cfg.plots_dir, "plots")
         self.tracker.log_metrics({"train/wall_s": seconds}, self.step)
-        write_status(self.work, "completed", 0)
+        status.write_status(self.work, "completed", 0)
         self.log(f"done: {self.step} updates in {seconds:.0f} s, best valid loss {self.best_valid:.4f} "
                  f"(ppl {summary['best_valid_ppl']:.2f}), adapter in {self.work}")
 
@@ -376,7 +376,7 @@ class Trainer:
 def train(cfg: TrainConfig) -> None:
     die_with_parent()
     env = setup_distributed(cfg.device)
-    if env.main:  # after the rendezvous: on several nodes, rank 0 is known only then (steps/distributed.py)
+    if env.main:  # after the rendezvous: on several nodes, rank 0 is known only then (steps/training/distributed.py)
         claim_outputs(cfg.work_dir, cfg.plots_dir, cfg.summary_file and Path(cfg.summary_file).parent)
     try:
         Trainer(cfg, env).fit()
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         parsed.append(parse_config(argv))
         train(parsed[0])
 
-    return run_stage(body, on_failure=lambda exc, status: record_failure(parsed[0].work_dir if parsed else None, exc, status))
+    return run_stage(body, on_failure=lambda exc, code: status.record_failure(parsed[0].work_dir if parsed else None, exc, code))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from steps.checkpoints import save_hf_checkpoint
-from steps.model import CARDS, GPT2
+from steps.formats.checkpoints import save_hf_checkpoint
+from steps.model.gpt2 import CARDS, GPT2
 
 EOS = 50256
 PINNED_THREADS = 1  # torch threads on both sides of a bitwise comparison between two runs

@@ -12,8 +12,8 @@ from helpers import tiny_run_args
 
 from pipelines.finetune_config import check_trainer_section
 from steps import decode, train
-from steps.common import InputError
-from steps.train_config import LIMITS, build_parser
+from steps.core.common import InputError
+from steps.training.config import LIMITS, build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Beam search against independent references: exhaustive search, greedy decoding, hand-computed logit processing.
 
 The references here run the model without a KV cache and without padding (one full forward per prefix) and
-process logits with plain-Python code, so they share nothing with `steps.beam` but the model weights.
+process logits with plain-Python code, so they share nothing with `steps.decoding.beam` but the model weights.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from steps.beam import (
+from steps.decoding.beam import (
     REQUEST_OPTIONS,
     BeamConfig,
     apply_repetition_penalty,
@@ -20,8 +20,8 @@ from steps.beam import (
     beam_search,
     next_token_logprobs,
 )
-from steps.model import GPT2, GPT2Config, KVCache
-from steps.tokenizer import EOS_ID
+from steps.model.gpt2 import GPT2, GPT2Config, KVCache
+from steps.model.tokenizer import EOS_ID
 
 NEG_INF = float("-inf")
 

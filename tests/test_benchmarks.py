@@ -15,13 +15,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench_decode, bench_train, common
-from steps.beam import BeamConfig
-from steps.data import build_examples, collate
 from steps.decode import search_queries
-from steps.lora import LoRAConfig, mark_only_lora_trainable
-from steps.loss import LossModule, masked_lm_loss
-from steps.model import CARDS, GPT2
-from steps.tokenizer import EOS_ID
+from steps.decoding.beam import BeamConfig
+from steps.model.gpt2 import CARDS, GPT2
+from steps.model.lora import LoRAConfig, mark_only_lora_trainable
+from steps.model.tokenizer import EOS_ID
+from steps.training.data import build_examples, collate
+from steps.training.loss import LossModule, masked_lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,8 @@ import torch
 from helpers import write_base
 from safetensors.torch import load_file, save_file
 
-from steps.checkpoints import (
+from steps.core.common import InputError
+from steps.formats.checkpoints import (
     adapter_config,
     apply_adapter,
     base_identity,
@@ -18,9 +19,8 @@ from steps.checkpoints import (
     save_adapter,
     stable_safetensors_bytes,
 )
-from steps.common import InputError
-from steps.lora import LoRAConfig, lora_state_dict
-from steps.model import CARDS, GPT2
+from steps.model.gpt2 import CARDS, GPT2
+from steps.model.lora import LoRAConfig, lora_state_dict
 
 
 def trained_like_model(seed: int = 0) -> GPT2:
@@ -218,8 +218,8 @@ def test_every_adapter_save_gives_the_same_bytes(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys, torch; from steps.checkpoints import adapter_config, save_adapter; from steps.lora import LoRAConfig; "
-              "from steps.model import CARDS, GPT2; torch.manual_seed(0); m = GPT2(CARDS['gpt2.tiny'], LoRAConfig(r=4, alpha=32)); "
+    script = ("import sys, torch; from steps.formats.checkpoints import adapter_config, save_adapter; from steps.model.lora import LoRAConfig; "
+              "from steps.model.gpt2 import CARDS, GPT2; torch.manual_seed(0); m = GPT2(CARDS['gpt2.tiny'], LoRAConfig(r=4, alpha=32)); "
               "save_adapter(m, sys.argv[1], adapter_config(m, 'gpt2.tiny', {'path': None, 'sha256': None}, step=3))")
     digests = set()
     for i in range(6):  # separate processes: the order of a hash map changes between them, not within one
@@ -229,7 +229,7 @@ def test_every_adapter_save_gives_the_same_bytes(tmp_path):
 
 
 def test_truncated_resume_state_is_a_clear_error(tmp_path):
-    from steps.checkpoints import load_resume_state, save_resume_state
+    from steps.formats.checkpoints import load_resume_state, save_resume_state
 
     save_resume_state(tmp_path / "state.pt", {"step": 3, "weights": torch.zeros(1000)})
     data = (tmp_path / "state.pt").read_bytes()
@@ -240,7 +240,7 @@ def test_truncated_resume_state_is_a_clear_error(tmp_path):
 
 def test_equal_resume_states_are_equal_bytes(tmp_path):
     """The work dir is a DVC output: the same training must give the same bytes (the temp name used to leak in)."""
-    from steps.checkpoints import save_resume_state
+    from steps.formats.checkpoints import save_resume_state
 
     state = {"step": 3, "trainable": {"w": torch.arange(10.0)}}
     save_resume_state(tmp_path / "a.pt", state)

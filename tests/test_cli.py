@@ -6,8 +6,8 @@ import importlib
 
 import pytest
 
-# steps.train_config holds the trainer's command line (python -m steps.train).
-COMMANDS = ["steps.train_config", "steps.decode", "steps.encode", "steps.prepare", "pipelines.finetune", "pipelines.register",
+# steps.training.config holds the trainer's command line (python -m steps.train).
+COMMANDS = ["steps.training.config", "steps.decode", "steps.encode", "steps.prepare", "pipelines.finetune", "pipelines.register",
             "benchmarks.bench_train", "benchmarks.bench_decode"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from steps.common import atomic_write
+from steps.core.common import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
 def test_written_files_get_the_permissions_of_the_umask(tmp_path, umask, expected):
     """mkstemp's 0600 used to reach data/formatted, outputs, adapters and metrics, which breaks shared use."""
-    script = ("import os, sys, torch; os.umask(int(sys.argv[2], 8)); from steps.common import write_json; from steps.checkpoints "
-              "import save_resume_state, save_hf_checkpoint; from steps.model import GPT2, CARDS; "
+    script = ("import os, sys, torch; os.umask(int(sys.argv[2], 8)); from steps.core.common import write_json; from steps.formats.checkpoints "
+              "import save_resume_state, save_hf_checkpoint; from steps.model.gpt2 import GPT2, CARDS; "
               "write_json(sys.argv[1] + '/a.json', {}); save_resume_state(sys.argv[1] + '/s.pt', {}); "
               "save_hf_checkpoint(GPT2(CARDS['gpt2.tiny']), sys.argv[1] + '/m.safetensors')")  # safetensors replaces the file
     subprocess.run([sys.executable, "-c", script, str(tmp_path), oct(umask)[2:]], cwd=REPO, check=True)
@@ -41,7 +41,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 def test_file_digest_is_the_real_digest_and_sees_every_rewrite(tmp_path):
     import hashlib
 
-    from steps.common import file_digest, sha256_file
+    from steps.core.common import file_digest, sha256_file
 
     path = tmp_path / "weights.bin"
     path.write_bytes(b"a" * 1000)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steps.common import InputError
-from steps.data import build_example, collate, epoch_updates, load_encoded, shard_sequential
+from steps.core.common import InputError
+from steps.training.data import build_example, collate, epoch_updates, load_encoded, shard_sequential
 
 CONTEXT, COMPLETION = [10, 11, 12, 50256], [20, 21, 50256]
 

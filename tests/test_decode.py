@@ -13,14 +13,14 @@ from helpers import pinned_threads
 
 import steps.decode as decode
 from benchmarks.bench_decode import reference_search
-from steps.beam import BeamConfig, beam_search
-from steps.checkpoints import adapter_config, base_identity, read_tensors, save_adapter, save_hf_checkpoint
-from steps.common import InputError
-from steps.decode_text import clean_text, read_predictions, write_scorer_files
-from steps.decode_text import main as decode_text_main
-from steps.lora import LoRAConfig
-from steps.model import CARDS, GPT2, GPT2Config
-from steps.tokenizer import EOS_ID, get_tokenizer
+from steps.core.common import InputError
+from steps.decoding.beam import BeamConfig, beam_search
+from steps.decoding.scorer_files import clean_text, read_predictions, write_scorer_files
+from steps.decoding.scorer_files import main as decode_text_main
+from steps.formats.checkpoints import adapter_config, base_identity, read_tensors, save_adapter, save_hf_checkpoint
+from steps.model.gpt2 import CARDS, GPT2, GPT2Config
+from steps.model.lora import LoRAConfig
+from steps.model.tokenizer import EOS_ID, get_tokenizer
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -10,23 +10,29 @@ from pathlib import Path
 
 import yaml
 
-from steps.train_config import trainer_sources
+from steps.training.config import trainer_sources
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipelines", "steps")
 
 
+def module_path(dotted: str) -> str | None:
+    """steps.training.data -> "steps/training/data.py"; a package -> its __init__.py; None when not a project file."""
+    if "." not in dotted:
+        return None  # steps/__init__.py, pipelines/__init__.py: empty
+    base = dotted.replace(".", "/")
+    return next((name for name in (f"{base}.py", f"{base}/__init__.py") if (REPO / name).is_file()), None)
+
+
 def project_imports(path: str) -> set[str]:
     """The project modules one file imports anywhere in it (also inside functions), as repository paths."""
-    found = set()
+    dotted: set[str] = set()
     for node in ast.walk(ast.parse((REPO / path).read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module in PACKAGES:  # from steps import encode, make_base
-            found |= {f"{node.module}/{alias.name}.py" for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
-            found.add(node.module.replace(".", "/") + ".py")
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            dotted |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}  # a name may be a module
         elif isinstance(node, ast.Import):
-            found |= {alias.name.replace(".", "/") + ".py" for alias in node.names if alias.name.split(".")[0] in PACKAGES}
-    return {name for name in found if (REPO / name).is_file()}
+            dotted |= {alias.name for alias in node.names if alias.name.split(".")[0] in PACKAGES}
+    return {name for name in map(module_path, dotted) if name}
 
 
 def runs(*entry_points: str) -> set[str]:
@@ -42,11 +48,13 @@ def runs(*entry_points: str) -> set[str]:
 
 
 def stage_deps(name: str) -> set[str]:
-    return set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]["deps"])
+    """The stage's deps, a directory standing for every file in it (dvc.yaml names the code's packages)."""
+    deps = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]["deps"])
+    return deps | {path.relative_to(REPO).as_posix() for dep in deps if (REPO / dep).is_dir() for path in (REPO / dep).rglob("*.py")}
 
 
 def test_finetune_stage_depends_on_all_the_code_it_runs():
-    trainer = {f"steps/{path.name}" for path in trainer_sources()}
+    trainer = {path.relative_to(REPO).as_posix() for path in trainer_sources()}
     needed = trainer | runs("pipelines/finetune.py")
     assert "pipelines/finetune_flow.py" in needed and "pipelines/register.py" not in needed
     assert needed <= stage_deps("finetune"), sorted(needed - stage_deps("finetune"))
@@ -54,14 +62,14 @@ def test_finetune_stage_depends_on_all_the_code_it_runs():
 
 def test_register_stage_depends_on_all_the_code_it_runs_and_logs():
     needed = runs("pipelines/register.py", "pipelines/pyfunc_model.py")  # the model's code is a file it logs, not an import
-    assert {"pipelines/packaging.py", "steps/decode.py", "steps/beam.py"} <= needed
+    assert {"pipelines/packaging.py", "steps/decode.py", "steps/decoding/beam.py"} <= needed
     assert needed <= stage_deps("register"), sorted(needed - stage_deps("register"))
 
 
 def test_the_trainer_does_not_run_the_export_command():
     """Editing the export CLI (its help text, say) must not change the trainer's code hash: that would rerun the
     finetune stage and refuse every resume state."""
-    assert "steps/export.py" not in {f"steps/{path.name}" for path in trainer_sources()} | runs("pipelines/finetune.py")
+    assert "steps/export.py" not in {path.relative_to(REPO).as_posix() for path in trainer_sources()} | runs("pipelines/finetune.py")
     assert "steps/export.py" not in stage_deps("finetune")
 
 

@@ -167,7 +167,7 @@ def test_every_stage_runs_and_writes_its_outputs(baseline, project):
         assert isinstance(baseline["scores"]["base"][metric], float), metric  # the base alone, scored the same way
     assert baseline["scores"]["n_instances"] == 3  # test_mrs
     # The shipped base trained only the rows of its corpus's tokens; the adapted model writes with those alone.
-    from steps.tokenizer import get_tokenizer
+    from steps.model.tokenizer import get_tokenizer
 
     manifest = json.loads((project / "data/base/standin.json").read_text())
     predictions = [json.loads(line)["prediction"] for line in (project / "outputs/predictions.jsonl").read_text().splitlines()]
@@ -426,7 +426,7 @@ def test_a_decoding_experiment_registers_a_version_with_the_new_settings(decodin
 def test_e2e_profile_is_a_drop_in_params_file_with_the_paper_recipe():
     """params/e2e-gpt2-md.yaml replaces params.yaml (same sections and keys) and holds the paper's E2E recipe."""
     from pipelines.finetune import trainer_argv
-    from steps.train_config import parse_config
+    from steps.training.config import parse_config
 
     default = yaml.safe_load((REPO / "params.yaml").read_text())
     profile = yaml.safe_load((REPO / "params/e2e-gpt2-md.yaml").read_text())
@@ -447,7 +447,7 @@ def test_default_params_drive_every_stage_command():
     import re
 
     from pipelines.finetune import trainer_argv
-    from steps.train_config import parse_config
+    from steps.training.config import parse_config
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     stages = json.dumps(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])  # without the comments

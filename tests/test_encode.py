@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from steps import encode, encoded_meta
-from steps.common import InputError
-from steps.tokenizer import get_tokenizer, packaged_vocab_dir
+from steps import encode
+from steps.core.common import InputError
+from steps.formats import encoded_meta
+from steps.model.tokenizer import get_tokenizer, packaged_vocab_dir
 
 # The verified output of the original gpt2_encode.py --add_bos --add_eos.
 REFERENCE_LINE = {"context": "name : Blue Spice | Type : coffee shop | area : city centre",

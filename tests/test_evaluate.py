@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from steps import e2e_metrics, evaluate
-from steps.common import InputError
+from steps import evaluate
+from steps.core.common import InputError
+from steps.metrics import scorers as e2e_metrics
 
 needs_java = pytest.mark.skipif(not e2e_metrics.java_available(), reason="java is not installed")
 
@@ -323,9 +324,9 @@ def test_json_output_and_mlflow_table(tmp_path: Path, monkeypatch, capsys) -> No
     write(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
     run_file = write(tmp_path / "run.json", json.dumps({"run_id": "abc", "tracking_uri": "sqlite:///x.db"}))
     calls = []
-    fake = types.ModuleType("steps.tracking")
+    fake = types.ModuleType("steps.core.tracking")
     fake.log_predictions_table = lambda run, table: calls.append((run, table))
-    monkeypatch.setitem(sys.modules, "steps.tracking", fake)
+    monkeypatch.setitem(sys.modules, "steps.core.tracking", fake)
 
     out = tmp_path / "eval.json"
     argv = [str(refs), str(preds), "--no_meteor", "--json", str(out), "--predictions", str(jsonl), "--mlflow_run_file", str(run_file)]

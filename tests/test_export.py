@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from steps import export, peft_format
-from steps.checkpoints import adapter_config, base_identity, load_adapter, load_base_weights, save_adapter
-from steps.common import InputError
-from steps.lora import LoRAConfig
-from steps.model import CARDS, GPT2
+from steps import export
+from steps.core.common import InputError
+from steps.formats import peft as peft_format
+from steps.formats.checkpoints import adapter_config, base_identity, load_adapter, load_base_weights, save_adapter
+from steps.model.gpt2 import CARDS, GPT2
+from steps.model.lora import LoRAConfig
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_trainer_flags_follow_the_params_section():
     from pipelines.finetune import trainer_argv
-    from steps.train_config import parse_config
+    from steps.training.config import parse_config
 
     section = {"train_data": "t.jsonl", "valid_data": "v.jsonl", "lr": 0.0002, "correct_bias": True, "no_decay_bias": False,
                "max_epoch": None, "max_step": 7, "lora_targets": ["q", "v"], "adam_epislon": 1e-06}

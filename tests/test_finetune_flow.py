@@ -209,7 +209,7 @@ def test_pyfunc_model_loads_by_alias_and_generates(registered, project, tmp_path
     import pandas as pd
 
     import steps.decode as decode
-    from steps.beam import BeamConfig
+    from steps.decoding.beam import BeamConfig
 
     use_store(monkeypatch, f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/flow-test-adapter@candidate")
@@ -243,7 +243,7 @@ def test_pyfunc_model_loads_by_alias_and_generates(registered, project, tmp_path
 def test_pyfunc_model_needs_the_right_base(registered, project, tmp_path, monkeypatch):
     import mlflow
 
-    from steps.common import InputError
+    from steps.core.common import InputError
 
     use_store(monkeypatch, f"sqlite:///{project / 'mlflow.db'}")
     other_base = tmp_path / "other.safetensors"

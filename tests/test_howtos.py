@@ -8,7 +8,7 @@ them by hand, and why:
 - the port 4200 is replaced by a free one (another server may hold 4200 on a shared machine);
 - the commands run in a small DVC project whose params.yaml has the checkout's `schedule:` section, so the documented
   deployment name `pipeline/nightly-repro` is used as is, but a triggered run reproduces that small project (one
-  stage), not this checkout; PYTHONPATH names this checkout so `python -m pipelines.serve` is its code;
+  stage), not this checkout; PYTHONPATH names this checkout so `python -m pipelines.schedule` is its code;
 - DO_NOT_TRACK=true and 2-second runner/worker polls (Prefect's default is 10 s), which change no behaviour tested.
 
 Before the fix, the docs exported PREFECT_API_URL in the server's shell only: `prefect deployment run` in another
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 # The commands as docs/pipeline.md writes them, one shell each (the test checks that the doc holds each line).
 CONFIGURE = "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api"
 SERVER = "prefect server start --host 127.0.0.1 --port 4200 --analytics-off"
-SERVE = "python -m pipelines.serve"
+SERVE = "python -m pipelines.schedule"
 WORK_POOL = "prefect work-pool create lora-nlg --type process"
 DEPLOY = "prefect --no-prompt deploy --all"
 WORKER = "prefect worker start --pool lora-nlg"

@@ -7,10 +7,10 @@ import torch
 from helpers import tiny_run_args
 from safetensors.torch import load_file
 
-from steps.checkpoints import apply_adapter, load_adapter
-from steps.distributed import Dist
+from steps.formats.checkpoints import apply_adapter, load_adapter
 from steps.train import Trainer, main
-from steps.train_config import parse_config
+from steps.training.config import parse_config
+from steps.training.distributed import Dist
 
 
 def test_continuing_from_a_saved_adapter_equals_starting_from_the_same_weights_in_memory(tmp_path, capsys):
@@ -59,9 +59,9 @@ def test_an_adapter_holding_nan_is_refused_before_training(tmp_path, capsys):
     """--init_adapter reads through the same checks as decode and export: a diverged adapter is not trained on."""
     from safetensors.torch import save_file
 
-    from steps.checkpoints import adapter_config, save_adapter
-    from steps.lora import LoRAConfig
-    from steps.model import CARDS, GPT2
+    from steps.formats.checkpoints import adapter_config, save_adapter
+    from steps.model.gpt2 import CARDS, GPT2
+    from steps.model.lora import LoRAConfig
 
     model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32))
     save_adapter(model, tmp_path / "adapter", adapter_config(model, "gpt2.tiny", {"path": None, "sha256": None}, step=3))

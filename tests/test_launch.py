@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from pipelines.finetune_config import FinetuneConfig
 from pipelines.trainer_launch import run_trainer, trainer_commands
-from steps.common import InputError, lock_path
+from steps.core.common import InputError
+from steps.core.process import lock_path
 from tests.helpers import tiny_run_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_a_second_trainer_on_a_locked_work_dir_fails_at_once_naming_the_holder(t
     work_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from steps.common import lock_work_dir
+        from steps.core.process import lock_work_dir
         lock_work_dir({str(work_dir)!r})
         print("locked", flush=True)
         time.sleep(60)
@@ -113,7 +114,7 @@ def test_killing_the_launcher_ends_its_trainer_and_frees_the_work_dir(tmp_path):
         from pathlib import Path
         from tests.test_launch import config
         from pipelines.trainer_launch import run_trainer
-        from steps.common import work_dir_lock
+        from steps.core.process import work_dir_lock
         cfg = config(Path({str(tmp_path)!r}), Path({str(work_dir)!r}), nproc=1, max_step=100000, log_interval=1)
         with work_dir_lock(cfg.work_dir):  # as the flow holds it: the trainer shares it
             run_trainer(cfg, None, lambda line: print(line, flush=True))
@@ -142,7 +143,7 @@ def test_killing_the_launcher_ends_its_trainer_and_frees_the_work_dir(tmp_path):
 
 
 def test_the_lock_held_in_a_with_block_is_what_the_trainer_inherits_and_is_released_after(tmp_path):
-    from steps.common import WORK_DIR_LOCK_FD, held_lock, lock_work_dir, work_dir_lock
+    from steps.core.process import WORK_DIR_LOCK_FD, held_lock, lock_work_dir, work_dir_lock
 
     cfg = config(tmp_path, tmp_path / "run", nproc=1)
     assert WORK_DIR_LOCK_FD not in trainer_commands(cfg, run_id=None)[0][1]  # nothing held: the trainer locks for itself
@@ -155,7 +156,7 @@ def test_the_lock_held_in_a_with_block_is_what_the_trainer_inherits_and_is_relea
 
 
 def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
-    from steps.common import lock_path, lock_work_dir
+    from steps.core.process import lock_path, lock_work_dir
 
     work_dir = tmp_path / "run"
     victim = tmp_path / "precious.txt"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from steps import make_base
-from steps.common import sha256_file
+from steps.core.common import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data/base/standin.safetensors"
@@ -144,9 +144,9 @@ def test_rows_the_corpus_never_used_never_win_when_decoding_the_test_set():
     import yaml
 
     from steps import sample_data
-    from steps.beam import BeamConfig
     from steps.decode import load_for_inference, search_queries
-    from steps.tokenizer import EOS_ID, get_tokenizer
+    from steps.decoding.beam import BeamConfig
+    from steps.model.tokenizer import EOS_ID, get_tokenizer
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     sample, decode = params["sample"], params["decode"]

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from steps import e2e_metrics as m
+from steps.metrics import scorers as m
 
 needs_java = pytest.mark.skipif(not m.java_available(), reason="java is not installed")
 

@@ -8,7 +8,7 @@ def test_resume_only_an_unfinished_run_with_the_same_fingerprint(tmp_path):
 
     from pipelines.finetune_config import FinetuneConfig
     from pipelines.mlflow_run import resumable_run
-    from steps.tracking import write_run_file
+    from steps.core.tracking import write_run_file
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steps.checkpoints import load_base_weights, read_tensors, save_hf_checkpoint
-from steps.common import InputError
-from steps.lora import LoRAConfig, mark_only_lora_trainable
-from steps.model import CARDS, GPT2, GPT2Config
+from steps.core.common import InputError
+from steps.formats.checkpoints import load_base_weights, read_tensors, save_hf_checkpoint
+from steps.model.gpt2 import CARDS, GPT2, GPT2Config
+from steps.model.lora import LoRAConfig, mark_only_lora_trainable
 
 transformers = pytest.importorskip("transformers")
 

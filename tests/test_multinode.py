@@ -241,7 +241,7 @@ def test_multi_node_params_become_torchrun_options():
 ])
 def test_bad_torchrun_params_are_refused_naming_the_key(machines, setting, message):
     from pipelines.finetune_config import load_config
-    from steps.common import InputError
+    from steps.core.common import InputError
 
     node0, _ = machines
     params = two_node_params(node0, "checked", 29400)
@@ -253,10 +253,10 @@ def test_bad_torchrun_params_are_refused_naming_the_key(machines, setting, messa
 def test_a_trainer_under_torchrun_shares_the_lock_of_the_flow_that_names_itself(tmp_path):
     """torchrun passes no descriptors to its workers: the flow names its PID instead, and only the process that holds
     the lock, and is an ancestor of the trainer, is believed."""
-    from steps.common import WORK_DIR_LOCK_HOLDER, lock_work_dir
+    from steps.core.process import WORK_DIR_LOCK_HOLDER, lock_work_dir
 
     work_dir = tmp_path / "run"
-    code = f"from steps.common import claim_outputs; claim_outputs({str(work_dir)!r}); print('claimed')"
+    code = f"from steps.core.process import claim_outputs; claim_outputs({str(work_dir)!r}); print('claimed')"
 
     def claim(holder: int) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, WORK_DIR_LOCK_HOLDER: str(holder)},
@@ -276,7 +276,7 @@ BROADCAST_SCRIPT = """
 import sys
 from pathlib import Path
 import torch, torch.distributed as dist
-from steps import distributed
+from steps.training import distributed
 distributed.BROADCAST_CHUNK = 7  # several pieces for a short file
 rendezvous, global_rank, path = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 dist.init_process_group("gloo", init_method=Path(rendezvous).as_uri(), rank=global_rank, world_size=2)

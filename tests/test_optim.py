@@ -1,4 +1,4 @@
-"""The reference AdamW and LR schedules (steps/optim.py) against independent references.
+"""The reference AdamW and LR schedules (steps/training/optim.py) against independent references.
 
 - AdamW: a float64, element-by-element transcription of the original's formula (and bitwise: the original's
   per-parameter loop, written out here); torch.optim.AdamW is shown to follow its own, different, formula.
@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from steps.lora import LoRAConfig, mark_only_lora_trainable
-from steps.model import CARDS, GPT2
-from steps.optim import (
+from steps.model.gpt2 import CARDS, GPT2
+from steps.model.lora import LoRAConfig, mark_only_lora_trainable
+from steps.training.optim import (
     NO_SCHEDULE,
     SCHEDULES,
     AdamW,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from steps import datasets, prepare
-from steps.common import InputError
+from steps import prepare
+from steps.core.common import InputError
+from steps.datasets import readers as datasets
 from steps.sample_data import generate_sample, write_text_files
 
 SPLIT_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")

@@ -33,9 +33,9 @@ DECODE = {"beam": 2, "length_penalty": 0.8, "no_repeat_ngram_size": 4, "repetiti
 
 def make_adapter(base: Path, work_dir: Path) -> None:
     """A LoRA adapter on `base` with non-zero B (as after training), in the trainer's format."""
-    from steps.checkpoints import adapter_config, base_identity, load_base_weights, save_adapter
-    from steps.lora import LoRAConfig
-    from steps.model import CARDS, GPT2
+    from steps.formats.checkpoints import adapter_config, base_identity, load_base_weights, save_adapter
+    from steps.model.gpt2 import CARDS, GPT2
+    from steps.model.lora import LoRAConfig
 
     torch.manual_seed(3)
     model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32, targets=("q", "v")))
@@ -150,7 +150,7 @@ def test_requests_over_the_bounds_are_refused_naming_the_bound_and_its_config_ke
 
 def test_a_model_logged_without_bounds_gets_defaults_and_a_load_time_config_can_change_them(saved):
     from pipelines.pyfunc_model import request_bounds
-    from steps.common import InputError
+    from steps.core.common import InputError
 
     old = {key: value for key, value in saved["config"].items() if not key.startswith("max_")}
     assert request_bounds(old) == {key: saved["config"][key] for key in request_bounds(old)}

@@ -27,9 +27,9 @@ SCORES = {"BLEU": 0.40, "NIST": 3.1, "METEOR": 0.30, "ROUGE_L": 0.50, "CIDEr": 1
 
 def make_adapter(base: Path, work_dir: Path) -> None:
     """A LoRA adapter on `base` with non-zero B (as after training), in the trainer's format."""
-    from steps.checkpoints import adapter_config, base_identity, load_base_weights, save_adapter
-    from steps.lora import LoRAConfig
-    from steps.model import CARDS, GPT2
+    from steps.formats.checkpoints import adapter_config, base_identity, load_base_weights, save_adapter
+    from steps.model.gpt2 import CARDS, GPT2
+    from steps.model.lora import LoRAConfig
 
     torch.manual_seed(3)
     model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32, targets=("q", "v")))
@@ -41,7 +41,7 @@ def make_adapter(base: Path, work_dir: Path) -> None:
 
 
 def encoded_records(texts: list[tuple[str, str]]) -> str:
-    from steps.tokenizer import EOS_ID, get_tokenizer
+    from steps.model.tokenizer import EOS_ID, get_tokenizer
 
     tokenizer = get_tokenizer()
     return "".join(json.dumps({"context": tokenizer.encode(mr) + [EOS_ID], "completion": tokenizer.encode(ref) + [EOS_ID]}) + "\n"
@@ -53,7 +53,7 @@ def project(tmp_path_factory) -> Path:
     """What the stages before register leave behind: params.yaml, data, base, adapter, refs, and the finetune run."""
     from mlflow import MlflowClient
 
-    from steps.tracking import write_run_file
+    from steps.core.tracking import write_run_file
 
     root = tmp_path_factory.mktemp("register-project")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -264,7 +264,7 @@ def test_bad_settings_or_missing_scores_fail_before_anything_is_logged(project, 
 
 def test_a_run_file_of_another_project_is_refused(project, client, capsys, tmp_path):
     from pipelines import register
-    from steps.tracking import write_run_file
+    from steps.core.tracking import write_run_file
 
     copy = tmp_path / "copy"
     for name in ("params.yaml", "data/encoded/train.jsonl", "data/encoded/valid.jsonl", "data/base/standin.safetensors"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_dvc_pipeline import copy_working_tree, dvc, git
 
-from steps import runtime
+from steps.core import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(1800)

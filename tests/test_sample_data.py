@@ -10,8 +10,8 @@ from itertools import groupby
 
 import pytest
 
-from steps import datasets
-from steps.common import InputError
+from steps.core.common import InputError
+from steps.datasets import readers as datasets
 from steps.sample_data import SLOT_ORDER, generate_sample, main
 
 

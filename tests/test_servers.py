@@ -1,7 +1,7 @@
 """Scheduled deployments against a real `prefect server` on 127.0.0.1 (own PREFECT_HOME, free port).
 
 Two routes to the same deployment of pipelines.scheduled.pipeline (`dvc repro` in a project):
-- `python -m pipelines.serve`: the deployment is created with the cron from params, a run is
+- `python -m pipelines.schedule`: the deployment is created with the cron from params, a run is
   triggered and completes (it reproduces a small DVC project), the schedule reads back from the API;
 - prefect.yaml: `prefect deploy --all` registers the same schedule from params.yaml and a
   `prefect worker --run-once` executes a triggered run.
@@ -170,7 +170,7 @@ def wait_for_run(env: dict[str, str], flow_run_id: str, timeout: float = 300) ->
 def test_served_deployment_has_the_params_cron_and_runs_dvc_repro(prefect_env, dvc_project, tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "pipelines.serve", "--params", str(dvc_project / "params.yaml"),
+        serve = subprocess.Popen([sys.executable, "-m", "pipelines.schedule", "--params", str(dvc_project / "params.yaml"),
                                   "--project_dir", str(dvc_project)], cwd=REPO, env=prefect_env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deployment = wait_until(lambda: read_deployment(prefect_env, "pipeline/test-repro"), 120, "the served deployment", serve, log)

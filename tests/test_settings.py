@@ -42,7 +42,7 @@ def test_a_locked_sqlite_store_is_waited_for_within_a_stated_bound(tmp_path):
     import threading
 
     from pipelines.settings import check_tracking_store
-    from steps.common import InputError
+    from steps.core.common import InputError
 
     store = tmp_path / "mlflow.db"
     holder = sqlite3.connect(store, check_same_thread=False)
@@ -64,7 +64,7 @@ def test_a_locked_sqlite_store_is_waited_for_within_a_stated_bound(tmp_path):
 def test_a_damaged_sqlite_store_is_one_line_saying_what_to_do(tmp_path):
     """It used to end the flow and the register stage with sqlite3's traceback ("file is not a database")."""
     from pipelines.settings import check_tracking_store
-    from steps.common import InputError
+    from steps.core.common import InputError
 
     store = tmp_path / "mlflow.db"
     store.write_bytes(b"not a database, just bytes " * 100)

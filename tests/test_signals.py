@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from steps.common import lock_path
+from steps.core.process import lock_path
 from tests.test_finetune_flow import make_project, write_params
 
 REPO = Path(__file__).resolve().parents[1]

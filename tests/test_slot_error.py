@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from steps.metrics.slot_error import check_text, is_e2e_mr, main, parse_mr, slot_error_rate
 from steps.sample_data import generate_sample
-from steps.slot_error import check_text, is_e2e_mr, main, parse_mr, slot_error_rate
 
 FULL_MR = (
     "name[The Eagle], eatType[coffee shop], food[French], priceRange[high], customer rating[5 out of 5], "
@@ -233,7 +233,7 @@ def test_the_command_line_reads_decode_predictions(tmp_path, capsys):
 
 
 def test_the_module_imports_without_torch_or_mlflow():
-    code = "import sys, steps.slot_error; print(sorted(m for m in ('torch', 'mlflow', 'pandas') if m in sys.modules))"
+    code = "import sys, steps.metrics.slot_error; print(sorted(m for m in ('torch', 'mlflow', 'pandas') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "[]"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 
-from steps import sample_data, standin_corpus
+from steps import sample_data
+from steps.datasets import standin_corpus
 
 
 def test_same_seed_same_documents_other_seed_others():
@@ -59,7 +60,7 @@ def test_same_documents_whatever_the_string_hashing():
     import subprocess
     import sys
 
-    code = "from steps import standin_corpus as c; print(repr(c.documents(0, 200)))"
+    code = "from steps.datasets import standin_corpus as c; print(repr(c.documents(0, 200)))"
     outputs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, check=True,
                               capture_output=True, text=True).stdout for seed in ("1", "2")}
     assert len(outputs) == 1
@@ -68,7 +69,7 @@ def test_same_documents_whatever_the_string_hashing():
 def test_the_corpus_holds_every_token_of_the_sample_references():
     """The base trains only the rows of its corpus's tokens (steps.make_base); the adapter can write only what the
     base can, so every token of every reference of the default sample must be among them."""
-    from steps.tokenizer import get_tokenizer
+    from steps.model.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
     corpus_tokens = {t for doc in standin_corpus.documents(0, 60_000) for t in tokenizer.encode(doc)}

@@ -1,4 +1,4 @@
-"""The trainer's static-shape update (steps/static_update.py) against the dynamic path it must reproduce, the LoRA
+"""The trainer's static-shape update (steps/training/static_update.py) against the dynamic path it must reproduce, the LoRA
 dropout rule that makes graphs and resumes exact, and the --cuda_graphs / --shapes choices.
 
 Everything but the capture itself runs on a CPU; the CUDA-only tests (skipped elsewhere) compare replayed graphs with the eager
@@ -18,16 +18,16 @@ import pytest
 import torch
 from helpers import pinned_threads, tiny_run_args, write_encoded
 
-from steps.checkpoints import read_tensors
-from steps.common import InputError
-from steps.data import build_examples, collate, load_encoded
-from steps.distributed import Dist
-from steps.lora import LoRAConfig, LoRADropout, dropout_seed, mark_only_lora_trainable
-from steps.loss import masked_lm_loss, static_lm_loss
-from steps.model import CARDS, GPT2
-from steps.static_update import Shapes, static_batch
+from steps.core.common import InputError
+from steps.formats.checkpoints import read_tensors
+from steps.model.gpt2 import CARDS, GPT2
+from steps.model.lora import LoRAConfig, LoRADropout, dropout_seed, mark_only_lora_trainable
 from steps.train import Trainer, main
-from steps.train_config import parse_config, resolve_fast_path
+from steps.training.config import parse_config, resolve_fast_path
+from steps.training.data import build_examples, collate, load_encoded
+from steps.training.distributed import Dist
+from steps.training.loss import masked_lm_loss, static_lm_loss
+from steps.training.static_update import Shapes, static_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CUDA graphs are recorded and replayed there only")
@@ -176,7 +176,7 @@ def test_lora_dropout_masks_are_a_function_of_seed_rank_step_and_micro_batch():
 def test_dropout_seed_is_stable_across_processes():
     """A plain hash: resuming in another process (or another Python) must find the same seeds."""
     assert dropout_seed(10, 0, 0, 0) == dropout_seed(10, 0, 0, 0) < 2**63
-    code = "from steps.lora import dropout_seed; print(dropout_seed(110, 3, 26290, 1))"
+    code = "from steps.model.lora import dropout_seed; print(dropout_seed(110, 3, 26290, 1))"
     other = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"})
     assert int(other.stdout) == dropout_seed(110, 3, 26290, 1)

@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from steps.common import InputError
-from steps.tokenizer import EOS_ID, Tokenizer, get_tokenizer, packaged_vocab_dir
+from steps.core.common import InputError
+from steps.model.tokenizer import EOS_ID, Tokenizer, get_tokenizer, packaged_vocab_dir
 
 # A test vector verified against the original encoder.py.
 CONTEXT = "name : Blue Spice | Type : coffee shop | area : city centre"

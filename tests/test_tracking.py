@@ -1,4 +1,4 @@
-"""steps.tracking against a real sqlite MLflow store (no mocks)."""
+"""steps.core.tracking against a real sqlite MLflow store (no mocks)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from steps.common import InputError
-from steps.tracking import EVAL_TABLE_ARTIFACT, RunLogger, log_predictions_table, write_run_file
+from steps.core.common import InputError
+from steps.core.tracking import EVAL_TABLE_ARTIFACT, RunLogger, log_predictions_table, write_run_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_disabled_logger_is_a_no_op_that_never_imports_mlflow():
     code = (
         "import sys\n"
-        "from steps.tracking import RunLogger\n"
+        "from steps.core.tracking import RunLogger\n"
         "for rank in (0, 1):\n"
         "    logger = RunLogger.from_env(rank)\n"
         "    logger.log_metrics({'train/loss': 1.0}, 1)\n"

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from helpers import pinned_threads, tiny_run_args, write_base
 
-from steps.checkpoints import load_adapter, load_base_weights, load_resume_state, read_tensors
-from steps.data import build_examples, collate, load_encoded
-from steps.lora import LoRAConfig
-from steps.loss import masked_lm_loss
-from steps.model import CARDS, GPT2
+from steps.formats.checkpoints import load_adapter, load_base_weights, load_resume_state, read_tensors
+from steps.model.gpt2 import CARDS, GPT2
+from steps.model.lora import LoRAConfig
 from steps.train import main
+from steps.training.data import build_examples, collate, load_encoded
+from steps.training.loss import masked_lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,7 +218,7 @@ def test_frozen_weights_stored_in_bf16_give_the_same_losses_and_grads_as_autocas
 
     torch.manual_seed(0)
     model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32))
-    from steps.lora import mark_only_lora_trainable
+    from steps.model.lora import mark_only_lora_trainable
 
     mark_only_lora_trainable(model)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""steps.train_config: each trainer option is declared once (a TrainConfig field), and the command line, its
+"""steps.training.config: each trainer option is declared once (a TrainConfig field), and the command line, its
 `--help`, the value checks of the CLI and of params.yaml, and the resume fingerprint all come from that one
 declaration."""
 
@@ -10,8 +10,8 @@ import re
 import pytest
 
 from pipelines.finetune_config import check_trainer_section
-from steps.common import InputError
-from steps.train_config import (
+from steps.core.common import InputError
+from steps.training.config import (
     FINGERPRINT_OPTIONS,
     LIMITS,
     OPTIONS,

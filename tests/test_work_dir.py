@@ -1,12 +1,12 @@
-"""steps.work_dir: the one list of what the trainer writes in its work dir, and the set-aside and restore the finetune
+"""steps.formats.work_dir: the one list of what the trainer writes in its work dir, and the set-aside and restore the finetune
 flow does between runs with it."""
 
 from __future__ import annotations
 
 from helpers import tiny_run_args
 
+from steps.formats.work_dir import WorkDir
 from steps.train import main
-from steps.work_dir import WorkDir
 
 
 def test_every_file_the_trainer_writes_is_named_by_the_contract(tmp_path):

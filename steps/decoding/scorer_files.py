@@ -1,6 +1,6 @@
 """Predictions -> the files the scorers read: the original gpt2_decode.py's layouts and grouping, with clear errors.
 
-    python -m steps.decode_text --sample_file outputs/predictions.jsonl --input_file data/formatted/test.jsonl \\
+    python -m steps.decoding.scorer_files --sample_file outputs/predictions.jsonl --input_file data/formatted/test.jsonl \\
         --output_ref_file outputs/refs.txt --output_pred_file outputs/preds.txt
 
 References come from the formatted JSONL (`{"context": str, "completion": str[, "cate": bool]}`), grouped by the
@@ -23,9 +23,9 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steps.common import InputError, atomic_write, iter_jsonl, run_stage
-from steps.datasets import DATASETS
-from steps.tokenizer import EOS_TOKEN
+from steps.core.common import InputError, atomic_write, iter_jsonl, run_stage
+from steps.datasets.readers import DATASETS
+from steps.model.tokenizer import EOS_TOKEN
 
 REF_TYPES = DATASETS  # each dataset family has its reference layout
 FILTERS = ("all", "seen", "unseen")
@@ -126,7 +126,7 @@ def read_predictions(sample_file: str | os.PathLike, tokenizer=None) -> dict[int
             text = item["prediction"]
         elif isinstance(item.get("predict"), list) and all(isinstance(t, int) for t in item["predict"]):
             if tokenizer is None:
-                from steps.tokenizer import get_tokenizer
+                from steps.model.tokenizer import get_tokenizer
 
                 tokenizer = get_tokenizer()
             text = tokenizer.decode(item["predict"])  # all ids: trailing zeros and stale tails go with the cut
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> str:
     """The stage; returns the summary line."""
     tokenizer = None
     if args.vocab is not None:
-        from steps.tokenizer import get_tokenizer
+        from steps.model.tokenizer import get_tokenizer
 
         tokenizer = get_tokenizer(args.vocab)
     predictions = read_predictions(args.sample_file, tokenizer)

@@ -1,7 +1,7 @@
 """The training update in dynamic shapes, the reference path: each micro-batch in its own shape, DDP's all-reduce with
 several processes, the original's AdamW with its step counted on the host, a GradScaler for fp16.
 
-It has the interface of steps.static_update.StaticUpdater (`optimizer_class`, `prepare`, `start`, `run_update`,
+It has the interface of steps.training.static_update.StaticUpdater (`optimizer_class`, `prepare`, `start`, `run_update`,
 `describe`), so the trainer runs either without asking which.
 """
 
@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from steps.data import Example, collate
-from steps.distributed import Dist
-from steps.lora import dropout_seed, use_dropout_generator
-from steps.loss import LossModule, token_mean_scale
-from steps.model import GPT2
-from steps.optim import AdamW
+from steps.model.gpt2 import GPT2
+from steps.model.lora import dropout_seed, use_dropout_generator
+from steps.training.data import Example, collate
+from steps.training.distributed import Dist
+from steps.training.loss import LossModule, token_mean_scale
+from steps.training.optim import AdamW
 
 
 class DynamicUpdater:

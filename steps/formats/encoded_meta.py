@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from steps.common import InputError
+from steps.core.common import InputError
 
 META_FORMAT = "nlg-encoded"
 META_VERSION = 1

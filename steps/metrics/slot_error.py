@@ -20,13 +20,13 @@ The patterns and their limits are documented in docs/slot_error.md.
 
 Plain Python (only `re`), so it imports in milliseconds:
 
-    from steps.slot_error import slot_error_rate, check_text
+    from steps.metrics.slot_error import slot_error_rate, check_text
     report = slot_error_rate(contexts, predictions)      # SlotErrorReport: rate, missing, wrong, added, ...
     check_text(context, prediction).describe()           # "missing: near; wrong: food=Italian"
 
-    python -m steps.slot_error data/formatted/test.jsonl          # {context, completion|prediction} lines
-    python -m steps.slot_error data/raw/e2e/test.txt              # MR||text lines
-    python -m steps.slot_error --mrs mrs.txt --texts outputs.txt  # parallel files, one per line
+    python -m steps.metrics.slot_error data/formatted/test.jsonl          # {context, completion|prediction} lines
+    python -m steps.metrics.slot_error data/raw/e2e/test.txt              # MR||text lines
+    python -m steps.metrics.slot_error --mrs mrs.txt --texts outputs.txt  # parallel files, one per line
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import tiktoken
 
-from steps.common import InputError
+from steps.core.common import InputError
 
 EOS_ID = 50256
 EOS_TOKEN = "<|endoftext|>"

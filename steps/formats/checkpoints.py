@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file
 
-from steps.common import InputError, atomic_path, atomic_write, sha256_file
-from steps.lora import QKV, LoRAConfig, lora_state_dict
-from steps.model import CARDS, GPT2, GPT2Config
-from steps.work_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from steps.core.common import InputError, atomic_path, atomic_write, sha256_file
+from steps.formats.work_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from steps.model.gpt2 import CARDS, GPT2, GPT2Config
+from steps.model.lora import QKV, LoRAConfig, lora_state_dict
 
 ADAPTER_FORMAT = "nlg-lora-adapter"
 ADAPTER_VERSION = 1

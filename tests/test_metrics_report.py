@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas
 
-from steps.eval_extra import add_base, add_slot_errors, headline, mlflow_metrics, slot_errors
+from steps.metrics.report import add_base, add_slot_errors, headline, mlflow_metrics, slot_errors
 
 MRS = [
     "name : The Golden Lion | Type : pub | area : riverside",
@@ -77,9 +77,9 @@ def test_evaluate_stage_writes_ser_and_the_base_alone(tmp_path, monkeypatch, cap
             ["Sakura serves Japanese food and is kid friendly ."]]  # fmt: skip
     write_stage_inputs(tmp_path, MRS, refs, GOOD, BAD)
     calls = []
-    fake = types.ModuleType("steps.tracking")
+    fake = types.ModuleType("steps.core.tracking")
     fake.log_predictions_table = lambda run, table: calls.append(table)
-    monkeypatch.setitem(sys.modules, "steps.tracking", fake)
+    monkeypatch.setitem(sys.modules, "steps.core.tracking", fake)
     out = tmp_path / "eval.json"
     argv = [str(tmp_path / "refs.txt"), str(tmp_path / "preds.txt"), "--no_meteor", "--json", str(out),
             "--predictions", str(tmp_path / "predictions.jsonl"), "--base_pred_file", str(tmp_path / "base.txt"),

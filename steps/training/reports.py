@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from steps.common import atomic_path, atomic_write
-from steps.work_dir import WorkDir
+from steps.core.common import atomic_path, atomic_write
+from steps.formats.work_dir import WorkDir
 
 TRAIN_LOG_FIELDS = ["step", "epoch", "lr", "loss", "nll", "ppl"]
 VALID_LOG_FIELDS = ["step", "valid_loss", "valid_ppl", "best_valid_loss"]

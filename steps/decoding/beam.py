@@ -18,7 +18,7 @@ eval_len more positions, in which beams reorder only their generated positions (
 to seq_len and ran all eval_len steps); and an example stops as soon as no live beam can beat its best finished
 hypothesis (see `_upper_bound`); finished examples leave the batch.
 
-This module is plain PyTorch: the model is anything with `hidden(...)` and `logits(...)` like `steps.model.GPT2`.
+This module is plain PyTorch: the model is anything with `hidden(...)` and `logits(...)` like `steps.model.gpt2.GPT2`.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from steps.model import KVCache
-from steps.tokenizer import EOS_ID
+from steps.model.gpt2 import KVCache
+from steps.model.tokenizer import EOS_ID
 
 NEG_INF = float("-inf")
 
 
 class CausalLM(Protocol):
-    """The two calls beam search needs (`steps.model.GPT2` provides them)."""
+    """The two calls beam search needs (`steps.model.gpt2.GPT2` provides them)."""
 
     def hidden(
         self,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.common import InputError
+from steps.core.common import InputError
 
 SPLITS = ("train", "valid", "test")
 DATASETS = ("e2e", "webnlg", "dart")

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from steps.checkpoints import (
+from steps.core.common import InputError, atomic_write, write_json
+from steps.formats.checkpoints import (
     ADAPTER_FORMAT,
     ADAPTER_VERSION,
     OUR_KEY,
@@ -33,9 +34,8 @@ from steps.checkpoints import (
     read_tensors,
     stable_safetensors_bytes,
 )
-from steps.common import InputError, atomic_write, write_json
-from steps.lora import QKV
-from steps.model import CARDS
+from steps.model.gpt2 import CARDS
+from steps.model.lora import QKV
 
 PEFT_CONFIG = "adapter_config.json"  # the same name as ours: a directory holds one kind or the other
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -21,14 +21,14 @@ from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from steps.common import DEFAULT_SEQ_LEN, InputError, sha256_file
-from steps.distributed import PRECISIONS
-from steps.model import CARDS
-from steps.optim import NO_SCHEDULE, SCHEDULES, cycle_max_step
-from steps.peft_format import PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
-from steps.work_dir import ADAPTER_WEIGHTS
+from steps.core.common import DEFAULT_SEQ_LEN, InputError, sha256_file
+from steps.formats.peft import PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
+from steps.formats.work_dir import ADAPTER_WEIGHTS
+from steps.model.gpt2 import CARDS
+from steps.training.distributed import PRECISIONS
+from steps.training.optim import NO_SCHEDULE, SCHEDULES, cycle_max_step
 
-STEPS_DIR = Path(__file__).resolve().parent
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the checkout: steps/ lives here
 REQUIRED = object()  # the default of an option that has none: the command line must give it
 
 
@@ -263,25 +263,31 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- resume fingerprint
 
-def trainer_sources(entry: str = "train") -> list[Path]:
-    """steps/<entry>.py and every steps module it imports, directly or not (read from the source, so the flow
-    and the trainer find the same files whatever else their processes have imported)."""
-    found: set[str] = set()
+def module_file(dotted: str) -> Path | None:
+    """The source file of a project module (`steps.training.data` -> steps/training/data.py; a package -> its
+    __init__.py), or None when it is not one of this checkout's files."""
+    if "." not in dotted:
+        return None  # steps/__init__.py itself: empty, and no stage's result depends on it
+    base = CODE_ROOT.joinpath(*dotted.split("."))
+    return next((path for path in (base.with_suffix(".py"), base / "__init__.py") if path.is_file()), None)
+
+
+def trainer_sources(entry: str = "steps.train") -> list[Path]:
+    """The entry module's file and every steps module it imports, directly or not, packages' __init__ included (read
+    from the source, so the flow and the trainer find the same files whatever else their processes have imported)."""
+    found: set[Path] = set()
     todo = [entry]
     while todo:
-        name = todo.pop()
-        if name in found or not (STEPS_DIR / f"{name}.py").is_file():
+        path = module_file(todo.pop())
+        if path is None or path in found:
             continue
-        found.add(name)
-        tree = ast.parse((STEPS_DIR / f"{name}.py").read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "steps":
-                todo += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("steps."):
-                todo.append(node.module.split(".")[1])
+        found.add(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "steps":
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]  # a name may be a module
             elif isinstance(node, ast.Import):
-                todo += [alias.name.split(".")[1] for alias in node.names if alias.name.startswith("steps.")]
-    return [STEPS_DIR / f"{name}.py" for name in sorted(found)]
+                todo += [alias.name for alias in node.names if alias.name.split(".")[0] == "steps"]
+    return sorted(found)
 
 
 def code_sha256() -> str:
@@ -289,7 +295,7 @@ def code_sha256() -> str:
     not resumed. Other modules (decoding, evaluation) may change without invalidating a training."""
     digest = hashlib.sha256()
     for path in trainer_sources():
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        digest.update(path.relative_to(CODE_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

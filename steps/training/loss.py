@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from steps.model import GPT2
+from steps.model.gpt2 import GPT2
 
 LABEL_SMOOTH_MIN = 1e-4  # the original switches label smoothing on above this value
 TOKEN_MEAN_EPS = 1e-4  # the original's term in the token mean's denominator
@@ -15,25 +15,25 @@ TOKEN_MEAN_EPS = 1e-4  # the original's term in the token mean's denominator
 def token_mean_scale(world: int, loss_tokens: torch.Tensor) -> torch.Tensor:
     """What each rank's summed loss is multiplied by: the mean over the update's loss tokens (all micro-batches and
     ranks, plus the original's 1e-4), times `world` because DDP averages gradients over ranks. Both update paths
-    (steps/train.py, steps/static_update.py) compute it here."""
+    (steps/train.py, steps/training/static_update.py) compute it here."""
     return world / (loss_tokens + TOKEN_MEAN_EPS)
 
 
 def masked_lm_loss(model: GPT2, batch: dict[str, torch.Tensor], label_smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over loss-mask positions of the label-smoothed loss and of the plain NLL (a batch from steps.data.collate).
+    """Sums over loss-mask positions of the label-smoothed loss and of the plain NLL (a batch from steps.training.data.collate).
 
     The LM head runs only on masked positions: with the clm objective most positions are context, and the
     vocabulary projection is the biggest matmul of the model.
     """
     hidden, _ = model.hidden(batch["input"])
-    positions = batch["positions"]  # flat indices of the mask's nonzero positions (steps.data.collate)
+    positions = batch["positions"]  # flat indices of the mask's nonzero positions (steps.training.data.collate)
     targets = batch["target"].view(-1).index_select(0, positions)
     weights = batch["mask"].view(-1).index_select(0, positions)
     return loss_at_positions(model, hidden, positions, targets, weights, label_smooth)
 
 
 def static_lm_loss(model: GPT2, batch: dict[str, torch.Tensor], label_smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same sums for a static-shape batch (steps.static_update.static_batch): its positions, targets and
+    """The same sums for a static-shape batch (steps.training.static_update.static_batch): its positions, targets and
     weights come listed and padded to a fixed count on the host; padding slots weigh 0."""
     hidden, _ = model.hidden(batch["input"])
     return loss_at_positions(model, hidden, batch["index"], batch["target"], batch["weight"], label_smooth)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steps.common import InputError
+from steps.core.common import InputError
 
 if TYPE_CHECKING:
     import pandas
@@ -230,7 +230,7 @@ class RunLogger:
 
 def write_run_file(path: str | os.PathLike, run_id: str, tracking_uri: str, experiment_id: str, **extra: Any) -> None:
     """Write the run file ({"run_id", "tracking_uri", "experiment_id"} plus flow-private keys)."""
-    from steps.common import write_json
+    from steps.core.common import write_json
 
     write_json(path, {"run_id": run_id, "tracking_uri": tracking_uri, "experiment_id": experiment_id, **extra})
 

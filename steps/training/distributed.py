@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from steps.common import InputError
+from steps.core.common import InputError
 
 # A file that one node's processes rendezvous through (set by pipelines/trainer_launch.py for one node, many processes).
 RENDEZVOUS_FILE = "NLG_RENDEZVOUS_FILE"
@@ -106,7 +106,7 @@ def setup_distributed(device_choice: str) -> Dist:
     return Dist(rank, world, device)
 
 
-current: Dist | None = None  # this process's layout once torchrun's group is made (steps.train_status asks it)
+current: Dist | None = None  # this process's layout once torchrun's group is made (steps.training.status asks it)
 
 
 def output_node_first(global_rank: int, world: int, device: torch.device) -> Dist:

@@ -1,7 +1,7 @@
 """Serve the scheduled pipeline deployment: `dvc repro` on the cron from params.yaml, one run at a time.
 
-    python -m pipelines.serve                      # create/update the deployment and run its schedule in this process
-    python -m pipelines.serve --print cron         # one value of the schedule section (prefect.yaml's build step uses it)
+    python -m pipelines.schedule                      # create/update the deployment and run its schedule in this process
+    python -m pipelines.schedule --print cron         # one value of the schedule section (prefect.yaml's build step uses it)
 
 Needs a Prefect server (PREFECT_API_URL); with none, Prefect's ephemeral server lives only as long as
 this process. Stop with Ctrl-C: Prefect then pauses the deployment's schedule. For a work pool +
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import settings
-from steps.common import run_stage
+from steps.core.common import run_stage
 
 # One pipeline run at a time (DVC's repository lock must never be contended). A run that comes due
 # while one is still going is cancelled, not queued: the running one brings the pipeline up to date.
@@ -50,7 +50,7 @@ def build_deployment(params_file: str | Path, project_dir: str | Path) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipelines.schedule", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file whose schedule: section gives deployment name, cron, timezone")
     parser.add_argument("--project_dir", default=".", help="the project the scheduled runs reproduce (where dvc.yaml is)")

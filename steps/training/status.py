@@ -9,9 +9,9 @@ import contextlib
 import json
 from pathlib import Path
 
-from steps.common import EXIT_BAD_INPUT, EXIT_DIVERGED, write_json
-from steps.distributed import is_main_process
-from steps.work_dir import WorkDir
+from steps.core.common import EXIT_BAD_INPUT, EXIT_DIVERGED, write_json
+from steps.formats.work_dir import WorkDir
+from steps.training.distributed import is_main_process
 
 STATES = ("running", "completed", "bad_input", "diverged")
 FINAL_STATES = {EXIT_BAD_INPUT: "bad_input", EXIT_DIVERGED: "diverged"}  # failures a retry would repeat

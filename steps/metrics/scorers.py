@@ -31,8 +31,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from steps.common import InputError
-from steps.genevel_tokenize import tokenized_line
+from steps.core.common import InputError
+from steps.metrics.webnlg_tokenize import tokenized_line
 
 Tokens = list[str]
 NGram = tuple[str, ...]

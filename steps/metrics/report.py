@@ -1,6 +1,6 @@
 """What the evaluate stage adds to the word-overlap scores: the slot error rate (E2E), and the base alone.
 
-- **Slot error rate** (steps/slot_error.py, docs/slot_error.md): the share of MR slot values that the outputs
+- **Slot error rate** (steps/metrics/slot_error.py, docs/slot_error.md): the share of MR slot values that the outputs
   miss, contradict or add. Only for E2E MRs; a WebNLG/DART triple context has no slots, so nothing is added.
 - **The base alone**: the same test MRs decoded with the same search settings by the base model without the
   adapter (the `decode_base` stage), scored the same way, so what the adapter added is measured, not claimed.
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from steps.slot_error import check_corpus, is_e2e_mr, summarise
+from steps.metrics.slot_error import check_corpus, is_e2e_mr, summarise
 
 BASE_KEY = "base"  # eval.json section (and MLflow name prefix) of the base model's scores
 SLOT_ERROR_COUNTS = ("missing", "wrong", "added", "slots", "examples_with_errors")

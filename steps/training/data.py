@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from steps.common import InputError, iter_jsonl
-from steps.encoded_meta import check_same_encoding
+from steps.core.common import InputError, iter_jsonl
+from steps.formats.encoded_meta import check_same_encoding
 
 MicroBatch = list[int]  # indices into the training examples
 Update = list[MicroBatch]  # the grad_acc micro-batches of one optimizer update, for one rank

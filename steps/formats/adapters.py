@@ -13,16 +13,16 @@ from typing import Any
 
 import torch
 
-from steps.checkpoints import ADAPTER_WEIGHTS, apply_adapter, load_adapter
-from steps.common import InputError
-from steps.model import GPT2
-from steps.peft_format import PEFT_WEIGHTS, is_peft_dir, read_peft_adapter
+from steps.core.common import InputError
+from steps.formats.checkpoints import ADAPTER_WEIGHTS, apply_adapter, load_adapter
+from steps.formats.peft import PEFT_WEIGHTS, is_peft_dir, read_peft_adapter
+from steps.model.gpt2 import GPT2
 
 
 def read_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Our adapter directory, an original-trainer `model.<step>.pt`, or a PEFT LoRA directory -> (tensors, our config).
 
-    Every path ends in `steps.checkpoints.check_adapter`: shapes as the config implies, float tensors, no NaN or inf.
+    Every path ends in `steps.formats.checkpoints.check_adapter`: shapes as the config implies, float tensors, no NaN or inf.
     """
     path = Path(path)
     if not path.exists():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from steps.genevel_tokenize import tokenized_line, word_tokenize
+from steps.metrics.webnlg_tokenize import tokenized_line, word_tokenize
 
 
 @pytest.mark.parametrize(

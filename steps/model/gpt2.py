@@ -3,7 +3,7 @@
 Same architecture and numerics as the original LoRA example's model.py (and Hugging Face's GPT-2):
 pre-LayerNorm blocks, tanh-approximated GELU, learned positions, LM head tied to the token embedding,
 no dropout anywhere (the only dropout lives in the LoRA branch). Weights use `nn.Linear`'s (out, in)
-layout; `steps.checkpoints` transposes Hugging Face's Conv1D (in, out) weights on load.
+layout; `steps.formats.checkpoints` transposes Hugging Face's Conv1D (in, out) weights on load.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steps.lora import LoRAConfig, LoRAQKV
+from steps.model.lora import LoRAConfig, LoRAQKV
 
 
 class KVCache:
@@ -103,7 +103,7 @@ CARDS: dict[str, GPT2Config] = {
 def card(name: str) -> GPT2Config:
     """Look up a model card by name, with an error that lists the choices."""
     if name not in CARDS:
-        from steps.common import InputError
+        from steps.core.common import InputError
 
         raise InputError(f"unknown model card {name!r}; choose one of {', '.join(CARDS)}")
     return CARDS[name]

@@ -33,12 +33,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from steps.data import Example, collate
-from steps.distributed import Dist
-from steps.lora import dropout_seed, use_dropout_generator
-from steps.loss import static_lm_loss, token_mean_scale
-from steps.model import GPT2
-from steps.optim import CapturableAdamW
+from steps.model.gpt2 import GPT2
+from steps.model.lora import dropout_seed, use_dropout_generator
+from steps.training.data import Example, collate
+from steps.training.distributed import Dist
+from steps.training.loss import static_lm_loss, token_mean_scale
+from steps.training.optim import CapturableAdamW
 
 Bucket = tuple[int, int]  # (padded length, padded number of loss positions)
 STATIC_INPUTS = ("input", "index", "target", "weight")  # what a micro-batch copies into its bucket's buffers
@@ -188,7 +188,7 @@ class StaticUpdater:
             self.optimizer_step()
 
     def load_scale(self, tokens: torch.Tensor) -> None:
-        """The token-mean scale of the update (steps.loss.token_mean_scale), as the eager path computes it.
+        """The token-mean scale of the update (steps.training.loss.token_mean_scale), as the eager path computes it.
 
         Every copy here is non-blocking: a blocking host-to-device copy waits for the device's queue to drain, which
         would cost the replays their head start. One process computes the scale on the host; several sum their counts

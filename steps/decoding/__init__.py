@@ -1,0 +1,1 @@
+"""Beam search and the scorer-format files decoding writes."""

@@ -1,0 +1,1 @@
+"""Scoring: BLEU/NIST/METEOR/ROUGE-L/CIDEr (scorers), the slot error rate, GenerationEval's tokeniser, the evaluation report."""
