@@ -14,6 +14,7 @@ does not take it away while the flow still reports its end to it.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -34,8 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# DVC deletes a stage's outputs before it runs it; those with `cache: false` (the committed metrics and plots) it cannot
+# bring back. When the stage then refuses its params, the message says how to.
+RESTORE_HINT = ("; dvc removed this stage's committed metrics and plots before running it: `git checkout -- metrics plots` "
+                "brings them back (the work dir is kept: it is a persistent output)")
+
+
 def run(args: argparse.Namespace) -> None:
-    cfg = load_config(args.params, args.project_dir, args.overrides)  # before anything starts: bad params cost a second
+    try:
+        cfg = load_config(args.params, args.project_dir, args.overrides)  # before anything starts: bad params cost a second
+    except InputError as exc:
+        if os.environ.get("DVC_STAGE"):  # run by dvc repro / dvc exp run
+            raise InputError(str(exc) + RESTORE_HINT) from None
+        raise
     if cfg.node_rank == 0:
         settings.check_tracking_store(cfg.tracking_uri)  # a dead server or a locked store: seconds, not minutes
     settings.apply_env_defaults()

@@ -55,3 +55,21 @@ def test_bad_params_fail_fast_with_status_2(tmp_path, capsys):
     assert "does not exist; run the earlier stages first" in capsys.readouterr().err
     assert main(["--params", str(tmp_path / "absent.yaml"), "--project_dir", str(tmp_path)]) == 2
     assert "params file not found" in capsys.readouterr().err
+
+
+def test_refused_params_under_dvc_say_how_to_get_the_committed_metrics_back(tmp_path, capsys, monkeypatch):
+    """`dvc exp run -S finetune.lr=abc` deletes the stage's committed metric and plot files before the stage refuses the
+    value (DVC removes outputs first and cannot restore `cache: false` ones): the one line says how to."""
+    from pipelines.finetune import main
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["finetune"]["lr"] = "abc"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    argv = ["--params", str(tmp_path / "params.yaml"), "--project_dir", str(tmp_path)]
+    assert main(argv) == 2
+    assert "git checkout" not in capsys.readouterr().err  # run by hand: nothing was deleted
+    monkeypatch.setenv("DVC_STAGE", "finetune")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "finetune.lr = 'abc': expected a number" in err and "`git checkout -- metrics plots` brings them back" in err
+    assert err.count("\n") == 1
