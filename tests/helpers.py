@@ -48,6 +48,21 @@ def write_base(path: Path, card: str = "gpt2.tiny", seed: int = 0) -> Path:
     return path
 
 
+def write_adapter(base: Path, work_dir: Path, step: int = 12) -> Path:
+    """A LoRA adapter on `base` (gpt2.tiny, rank 4, q and v) with non-zero B, as after training, in the trainer's format."""
+    from steps.formats.checkpoints import adapter_config, base_identity, load_base_weights, save_adapter
+    from steps.model.lora import LoRAConfig
+
+    torch.manual_seed(3)
+    model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32, targets=("q", "v")))
+    load_base_weights(model, base)
+    with torch.no_grad():
+        for block in model.h:
+            block.attn.c_attn.lora_B.normal_(0, 0.5)
+    save_adapter(model, work_dir, adapter_config(model, "gpt2.tiny", base_identity(base), step=step))
+    return work_dir
+
+
 def tiny_run_args(tmp: Path, work_dir: Path, **overrides) -> list[str]:
     """Trainer arguments for a few fast updates of gpt2.tiny with the paper's LoRA recipe."""
     tmp.mkdir(parents=True, exist_ok=True)

@@ -22,28 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
-from tests.helpers import write_base
+from tests.helpers import write_adapter, write_base
 
 MR = "name : The Eagle | Type : coffee shop"
 DECODE = {"beam": 2, "length_penalty": 0.8, "no_repeat_ngram_size": 4, "repetition_penalty": 1.0, "eos_token_id": 628,
           "min_length": 0, "eval_len": 8, "seq_len": 128, "batch_size": 4}
-
-
-def make_adapter(base: Path, work_dir: Path) -> None:
-    """A LoRA adapter on `base` with non-zero B (as after training), in the trainer's format."""
-    from steps.formats.checkpoints import adapter_config, base_identity, load_base_weights, save_adapter
-    from steps.model.gpt2 import CARDS, GPT2
-    from steps.model.lora import LoRAConfig
-
-    torch.manual_seed(3)
-    model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32, targets=("q", "v")))
-    load_base_weights(model, base)
-    with torch.no_grad():
-        for block in model.h:
-            block.attn.c_attn.lora_B.normal_(0, 0.5)
-    save_adapter(model, work_dir, adapter_config(model, "gpt2.tiny", base_identity(base), step=1))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +40,7 @@ def saved(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("pyfunc-model")
     base = write_base(root / "base.safetensors")
-    make_adapter(base, root / "adapter")
+    write_adapter(base, root / "adapter", step=1)
     cfg = FinetuneConfig(root, root / "params.yaml", {}, {"init_checkpoint": str(base), "model_card": "gpt2.tiny", "work_dir": "adapter"},
                          {}, {}, dict(DECODE), "")
     config = packaging.model_config_for(cfg, json.loads((root / "adapter/adapter_config.json").read_text()))

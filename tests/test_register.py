@@ -15,29 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from tests.helpers import write_base
+from tests.helpers import write_adapter, write_base
 
 REPO = Path(__file__).resolve().parents[1]
 REFS = "e2e references, grouped by blank lines\nThe Eagle is a coffee shop.\n\nZizzi serves Italian food.\n"
 SCORES = {"BLEU": 0.40, "NIST": 3.1, "METEOR": 0.30, "ROUGE_L": 0.50, "CIDEr": 1.20, "SER": 0.10}
-
-
-def make_adapter(base: Path, work_dir: Path) -> None:
-    """A LoRA adapter on `base` with non-zero B (as after training), in the trainer's format."""
-    from steps.formats.checkpoints import adapter_config, base_identity, load_base_weights, save_adapter
-    from steps.model.gpt2 import CARDS, GPT2
-    from steps.model.lora import LoRAConfig
-
-    torch.manual_seed(3)
-    model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32, targets=("q", "v")))
-    load_base_weights(model, base)
-    with torch.no_grad():
-        for block in model.h:
-            block.attn.c_attn.lora_B.normal_(0, 0.5)
-    save_adapter(model, work_dir, adapter_config(model, "gpt2.tiny", base_identity(base), step=12))
 
 
 def encoded_records(texts: list[tuple[str, str]]) -> str:
@@ -65,7 +49,7 @@ def project(tmp_path_factory) -> Path:
         (root / f"data/encoded/{split}.jsonl").write_text(encoded_records(pairs))
     (root / "data/base").mkdir(parents=True)
     base = write_base(root / "data/base/standin.safetensors")
-    make_adapter(base, root / "models/finetune")
+    write_adapter(base, root / "models/finetune")
     (root / "models/finetune/summary.json").write_text(json.dumps({"steps": 12, "best_valid_loss": 9.5}))
     (root / "outputs").mkdir()
     (root / "outputs/refs.txt").write_text(REFS)
