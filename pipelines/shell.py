@@ -4,7 +4,7 @@ Prefect does not capture a child process's output: an unpiped subprocess prints 
 never to the Prefect API/UI. So flows run their commands through `stream()` / `stream_all()`.
 
 The trainer dies with the flow: it arms a parent-death signal itself when PARENT_PID_ENV names its
-launcher (steps.core.common.die_with_parent), so killing the flow, even with SIGKILL, ends the trainer
+launcher (steps.core.process.die_with_parent), so killing the flow, even with SIGKILL, ends the trainer
 instead of leaving it writing to the work dir behind a dead flow. Commands that cannot arm it themselves
 (torchrun, Prefect's API server) are started through `with_parent_death_signal`.
 

@@ -9,7 +9,7 @@ How it is launched, by `flow.torchrun`:
   by the training nodes alone). Node 0's flow marks its processes as the output node (NLG_OUTPUT_NODE), so the
   trainer's rank 0, which writes the work dir and logs to MLflow, is on the node that owns the run, whatever
   order torchrun's rendezvous gives the nodes. torchrun passes no descriptors on, so the work dir's lock is
-  shared by naming the flow's PID instead (steps.core.common.holds_inherited_lock).
+  shared by naming the flow's PID instead (steps.core.process.holds_inherited_lock).
 
 Whether a failed training is worth retrying is read from the trainer's own `status.json` in the work dir,
 never from its text: `bad_input` and `diverged` would fail the same way again; anything else (a crash, a kill,
@@ -70,7 +70,7 @@ def trainer_commands(cfg: FinetuneConfig, run_id: str | None, error_file: Path |
         return [(torchrun_argv(cfg.launch["torchrun"]) + trainer_argv(cfg.trainer), env)]
     command = [sys.executable, "-m", "steps.train", *trainer_argv(cfg.trainer)]
     world = processes_per_node(cfg.launch["torchrun"]) or 1
-    env[PARENT_PID_ENV] = str(os.getpid())  # the trainer ends when this flow does (steps.core.common.die_with_parent)
+    env[PARENT_PID_ENV] = str(os.getpid())  # the trainer ends when this flow does (steps.core.process.die_with_parent)
     if world == 1:
         return [(command, env)]
     rendezvous = cfg.work_dir.parent / f".{cfg.work_dir.name}.rendezvous-{uuid.uuid4().hex}"
