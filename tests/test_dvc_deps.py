@@ -5,34 +5,20 @@ does not rerun it."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import yaml
 
-from steps.training.config import trainer_sources
+from steps.training.config import imported_modules, module_file, trainer_sources
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipelines", "steps")
 
 
-def module_path(dotted: str) -> str | None:
-    """steps.training.data -> "steps/training/data.py"; a package -> its __init__.py; None when not a project file."""
-    if "." not in dotted:
-        return None  # steps/__init__.py, pipelines/__init__.py: empty
-    base = dotted.replace(".", "/")
-    return next((name for name in (f"{base}.py", f"{base}/__init__.py") if (REPO / name).is_file()), None)
-
-
 def project_imports(path: str) -> set[str]:
     """The project modules one file imports anywhere in it (also inside functions), as repository paths."""
-    dotted: set[str] = set()
-    for node in ast.walk(ast.parse((REPO / path).read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
-            dotted |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}  # a name may be a module
-        elif isinstance(node, ast.Import):
-            dotted |= {alias.name for alias in node.names if alias.name.split(".")[0] in PACKAGES}
-    return {name for name in map(module_path, dotted) if name}
+    files = (module_file(dotted) for dotted in imported_modules(REPO / path, PACKAGES))
+    return {file.relative_to(REPO).as_posix() for file in files if file is not None}
 
 
 def runs(*entry_points: str) -> set[str]:

@@ -272,6 +272,18 @@ def module_file(dotted: str) -> Path | None:
     return next((path for path in (base.with_suffix(".py"), base / "__init__.py") if path.is_file()), None)
 
 
+def imported_modules(path: Path, packages: tuple[str, ...] = ("steps",)) -> set[str]:
+    """The dotted names of the `packages` modules one file imports anywhere in it (inside functions too); in
+    `from steps.x import y`, y may be a module, so `steps.x.y` is named as well (`module_file` tells which exist)."""
+    dotted: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in packages:
+            dotted |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        elif isinstance(node, ast.Import):
+            dotted |= {alias.name for alias in node.names if alias.name.split(".")[0] in packages}
+    return dotted
+
+
 def trainer_sources(entry: str = "steps.train") -> list[Path]:
     """The entry module's file and every steps module it imports, directly or not, packages' __init__ included (read
     from the source, so the flow and the trainer find the same files whatever else their processes have imported)."""
@@ -282,11 +294,7 @@ def trainer_sources(entry: str = "steps.train") -> list[Path]:
         if path is None or path in found:
             continue
         found.add(path)
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "steps":
-                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]  # a name may be a module
-            elif isinstance(node, ast.Import):
-                todo += [alias.name for alias in node.names if alias.name.split(".")[0] == "steps"]
+        todo += imported_modules(path)
     return sorted(found)
 
 
