@@ -31,6 +31,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from steps.core.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_jsonl, require_writable, run_stage, sha256_file
+from steps.core.runtime import PRECISIONS
 from steps.datasets.readers import DATASETS
 from steps.decoding.beam import BeamConfig, Hypothesis, beam_search
 from steps.decoding.scorer_files import clean_text, write_scorer_files
@@ -44,7 +45,6 @@ from steps.formats.checkpoints import (
 )
 from steps.model.gpt2 import GPT2, card
 from steps.model.tokenizer import EOS_ID, get_tokenizer
-from steps.training.distributed import PRECISIONS
 
 # Unique queries searched together: the original gpt2_beam.py's --batch_size. Not a BeamConfig field, because it
 # changes only how many searches share a forward pass (speed and memory), never a result: a batched search returns

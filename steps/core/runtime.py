@@ -21,6 +21,8 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
 # touch). Measured in benchmarks/RESULTS.md.
 ALLOCATOR_SETTINGS = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: (1 << 31) - 1, M_TOP_PAD: 1 << 28}
 
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # autocast precision (training and decoding); each resolves auto for its device
+
 
 def keep_large_allocations() -> bool:
     """Apply ALLOCATOR_SETTINGS through glibc's mallopt; False where there is no glibc (macOS, musl)."""

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from steps.core.common import DEFAULT_SEQ_LEN, InputError, sha256_file
+from steps.core.runtime import PRECISIONS
 from steps.formats.peft import PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
 from steps.formats.work_dir import ADAPTER_WEIGHTS
 from steps.model.gpt2 import CARDS
-from steps.training.distributed import PRECISIONS
 from steps.training.optim import NO_SCHEDULE, SCHEDULES, cycle_max_step
 
 CODE_ROOT = Path(__file__).resolve().parents[2]  # the checkout: steps/ lives here

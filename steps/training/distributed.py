@@ -137,9 +137,6 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # autocast precision; auto resolves per device below
-
-
 def resolve_precision(choice: str, device: torch.device) -> str:
     """`auto` -> bf16 when the device has native bf16 matmuls (then about twice as fast as fp32), else fp32."""
     if choice != "auto":
