@@ -142,6 +142,7 @@ def baseline(project) -> dict:
         "run_record": json.loads((project / RUN_FILE).read_text()),
         "register": json.loads((project / "metrics/register.json").read_text()),
     }
+    state["aliases"] = registry_aliases(state["run_record"]["tracking_uri"])  # now: later tests register more versions
     git(project, "add", "-A")
     git(project, "commit", "-qm", "baseline: dvc repro")
     state["git_status"] = git(project, "status", "--porcelain", "--untracked-files=all")
@@ -261,16 +262,21 @@ def test_evaluation_reached_the_finetune_mlflow_run(baseline, project):
     assert (project / "mlruns").is_dir() and not any((project / "models/finetune").rglob("MLmodel"))  # artifacts outside DVC outs
 
 
-@pytest.mark.slow
-def test_register_stage_made_the_evaluated_adapter_the_first_champion(baseline, project):
+def registry_aliases(uri: str) -> dict[str, tuple[int, str, float]]:
+    """@candidate and @champion of the registered model: (version, run id, its BLEU tag)."""
     from mlflow import MlflowClient
 
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = {alias: client.get_model_version_by_alias("lora-nlg-adapter", alias) for alias in ("candidate", "champion")}
+    return {alias: (int(v.version), v.run_id, float(v.tags["BLEU"])) for alias, v in versions.items()}
+
+
+@pytest.mark.slow
+def test_register_stage_made_the_evaluated_adapter_the_first_champion(baseline):
     record, report = baseline["run_record"], baseline["register"]
-    client = MlflowClient(tracking_uri=record["tracking_uri"], registry_uri=record["tracking_uri"])
-    for alias in ("candidate", "champion"):
-        version = client.get_model_version_by_alias("lora-nlg-adapter", alias)
-        assert (int(version.version), version.run_id) == (report["version"], record["run_id"]) == (1, record["run_id"])
-    assert float(version.tags["BLEU"]) == pytest.approx(baseline["scores"]["BLEU"], rel=1e-5)
+    for alias, (version, run_id, bleu) in baseline["aliases"].items():
+        assert (version, run_id) == (report["version"], record["run_id"]) == (1, record["run_id"]), alias
+        assert bleu == pytest.approx(baseline["scores"]["BLEU"], rel=1e-5)
     assert report["reason"].startswith("v1 is the first champion")
 
 
