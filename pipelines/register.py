@@ -31,7 +31,7 @@ from pipelines import settings
 from pipelines.finetune_config import FinetuneConfig, load_config
 from steps.core.common import InputError, run_stage, sha256_file, write_json
 from steps.decoding.beam import REQUEST_OPTIONS
-from steps.metrics import report as eval_extra
+from steps.metrics import report
 
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "TER", "SER")  # what metrics/eval.json may hold at its top level
 LOWER_IS_BETTER = frozenset({"SER", "TER"})  # error rates; the others are similarities
@@ -218,7 +218,7 @@ def register(cfg: FinetuneConfig, chosen: RegisterSettings, scores: dict[str, fl
     now_ms = int(time.time() * 1000)
     # The run's scores are logged here, the one stage that reruns for every new adapter (DVC skips evaluate when two
     # adapters happen to decode alike): the adapter's, the base alone's (base.*) and the slot error counts.
-    values = eval_extra.mlflow_metrics(evaluated, SCORES)
+    values = report.mlflow_metrics(evaluated, SCORES)
     client.log_batch(run_id, metrics=[Metric(f"eval/{name}", value, now_ms, 0, model_id=info.model_id) for name, value in values.items()],
                      synchronous=True)
     try:
@@ -269,11 +269,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = replace(cfg, tracking_uri=record["tracking_uri"])  # where the run is, whatever the environment says now
     settings.check_tracking_store(cfg.tracking_uri)
     settings.apply_env_defaults()  # before mlflow is imported
-    report = register(cfg, chosen, scores, evaluated, record["run_id"])
+    outcome = register(cfg, chosen, scores, evaluated, record["run_id"])
     # The committed metrics file holds what a fresh clone reproduces: not the run id, which differs on every machine.
-    write_json(cfg.path(str(args.output)), {k: v for k, v in report.items() if k != "run_id"})
-    print(f"register: {report['model']} v{report['version']} -> {report['aliases_moved']}; {report['reason']}")
-    return report
+    write_json(cfg.path(str(args.output)), {k: v for k, v in outcome.items() if k != "run_id"})
+    print(f"register: {outcome['model']} v{outcome['version']} -> {outcome['aliases_moved']}; {outcome['reason']}")
+    return outcome
 
 
 def main(argv: list[str] | None = None) -> int:

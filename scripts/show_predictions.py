@@ -3,8 +3,8 @@
     python scripts/show_predictions.py                    # 4 MRs from outputs/ and outputs_base/ (after dvc repro)
     python scripts/show_predictions.py -n 10 --every 2    # 10 MRs, every second one
 
-Reads the decode stages' predictions.jsonl files (one line per test line; an MR's lines share one prediction),
-so what it prints is what the run generated. The README's "What the default run produces" is its output.
+Reads the decode stages' examples.jsonl files (one record per MR: its prediction and references), matched by MR,
+so what it prints is what the run generated and scored. The README's "What the default run produces" is its output.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def render(adapted: dict[str, str], base: dict[str, str] | None, count: int, eve
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--predictions", type=Path, default=Path("outputs/predictions.jsonl"), help="the adapted model's")
-    parser.add_argument("--base_predictions", type=Path, default=Path("outputs_base/predictions.jsonl"),
+    parser.add_argument("--predictions", type=Path, default=Path("outputs/examples.jsonl"), help="the adapted model's")
+    parser.add_argument("--base_predictions", type=Path, default=Path("outputs_base/examples.jsonl"),
                         help="the base alone's (skipped when absent)")
     parser.add_argument("-n", type=int, default=4, help="how many MRs")
     parser.add_argument("--every", type=int, default=1, help="take every k-th MR")

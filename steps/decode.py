@@ -34,7 +34,7 @@ from steps.core.common import DEFAULT_SEQ_LEN, InputError, atomic_write, iter_js
 from steps.core.runtime import PRECISIONS
 from steps.datasets.readers import DATASETS
 from steps.decoding.beam import BeamConfig, Hypothesis, beam_search
-from steps.decoding.scorer_files import clean_text, write_scorer_files
+from steps.decoding.scorer_files import EXAMPLES_FILE, clean_text, write_scorer_files
 from steps.formats.checkpoints import (
     apply_adapter,
     load_adapter,
@@ -321,9 +321,10 @@ def run(args: argparse.Namespace) -> str:
         multi = args.ref_type != "e2e"
         ref_file = args.output_ref_file or str(work_dir / ("refs" if multi else "refs.txt"))
         pred_file = args.output_pred_file or str(work_dir / "preds.txt")
+        examples_file = work_dir / EXAMPLES_FILE
         write_scorer_files(args.input_file, dict(enumerate(texts)), ref_file, pred_file, args.ref_type, args.ref_num,
-                           lower=args.lower, tokenize=args.tokenize)
-        written += [ref_file, pred_file]
+                           lower=args.lower, tokenize=args.tokenize, examples_file=examples_file)
+        written += [str(examples_file), ref_file, pred_file]
     finished = sum(h.finished for h in hyps)
     return (f"decode: {len(queries)} lines, {n_unique} unique queries, beam {args.beam}, {n_unique / searched:.2f} MRs/s "
             f"({searched:.1f} s search, {time.perf_counter() - start:.1f} s total, {device}); {finished} lines ended "

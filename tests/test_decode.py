@@ -272,6 +272,8 @@ def test_decode_cli_end_to_end(trained, tmp_path):
     assert refs == ("Blue Spice is a coffee shop .\nA coffee shop called Blue Spice .\nBlue Spice serves coffee .\n\n"
                     "Zizzi is by the river .\n\n")
     assert (out / "preds.txt").read_text().splitlines() == [expected[0], expected[2]]
+    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]  # the one record per MR
+    assert [(e["id"], e["prediction"], len(e["references"])) for e in examples] == [(0, expected[0], 3), (2, expected[2], 1)]
     original = [json.loads(line) for line in (out / "predict.jsonl").read_text().splitlines()]
     assert all(len(o["predict"]) == 8 for o in original)
     assert read_predictions(out / "predict.jsonl") == {p["id"]: p["prediction"] for p in preds}

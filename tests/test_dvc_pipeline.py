@@ -160,8 +160,8 @@ def test_every_stage_runs_and_writes_its_outputs(baseline, project):
         assert f"Running stage '{stage}'" in baseline["log"], stage
     for path in ["data/raw/sample/train.txt", "data/formatted/test.jsonl", "data/encoded/train.jsonl",
                  "models/finetune/adapter.safetensors", "models/finetune/checkpoints/step_4/adapter.safetensors",
-                 "outputs/predictions.jsonl", "outputs/refs.txt", "outputs/preds.txt", "plots/loss.png", RUN_FILE,
-                 "outputs_base/preds.txt"]:
+                 "outputs/predictions.jsonl", "outputs/examples.jsonl", "outputs/refs.txt", "outputs/preds.txt",
+                 "plots/loss.png", RUN_FILE, "outputs_base/examples.jsonl"]:
         assert (project / path).is_file(), path
     for metric in SCORES:
         assert isinstance(baseline["scores"][metric], float), metric
@@ -487,7 +487,8 @@ def test_dataset_and_meteor_settings_reach_the_stage_commands(tmp_path, monkeypa
     repo = Repo(str(tmp_path))
     decode, evaluate = (repo.stage.collect(name)[0] for name in ("decode", "evaluate"))
     assert f"--ref_type {dataset} --output_ref_file {ref_file} " in decode.cmd
-    assert evaluate.cmd.startswith(f"python -m steps.evaluate {ref_file} outputs/preds.txt --ref_type {dataset} ")
+    assert evaluate.cmd.startswith("python -m steps.evaluate --examples outputs/examples.jsonl --base_examples "
+                                   f"outputs_base/examples.jsonl --ref_type {dataset} ")
     assert ("--no_meteor" in evaluate.cmd.split()) == no_meteor
     # The run file only names the local MLflow run (absolute store path, run id): passed to evaluate, not a dependency.
     assert "--mlflow_run_file models/mlflow_run.json" in evaluate.cmd

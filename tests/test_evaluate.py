@@ -12,9 +12,9 @@ import pytest
 
 from steps import evaluate
 from steps.core.common import InputError
-from steps.metrics import scorers as e2e_metrics
+from steps.metrics import inputs, scorers
 
-needs_java = pytest.mark.skipif(not e2e_metrics.java_available(), reason="java is not installed")
+needs_java = pytest.mark.skipif(not scorers.java_available(), reason="java is not installed")
 
 # measure_scores.py -p on sys_tgen_baseline.txt vs e2e_test_refs.txt (shared/data/e2e-eval/README.md).
 OFFICIAL_PY = {"BLEU": 0.659272, "NIST": 8.592267, "METEOR": 0.448260, "ROUGE_L": 0.685023, "CIDEr": 2.233846}
@@ -117,11 +117,11 @@ def test_csv_references_and_perl_nist_match_the_grouped_text_form(shared_data: P
 @pytest.mark.parametrize("system", sorted(PERL_SCRIPT))
 def test_perl_mode_bleu_and_nist_match_the_perl_script_on_degenerate_systems(shared_data: Path, system: str) -> None:
     refs, preds = e2e_eval_files(shared_data)
-    references = evaluate.read_grouped_references(refs)
-    hypotheses = degenerate_system(system, evaluate.read_text_lines(preds))
+    references = inputs.read_grouped_references(refs)
+    hypotheses = degenerate_system(system, inputs.read_text_lines(preds))
     bleu, nist = PERL_SCRIPT[system]
-    assert e2e_metrics.corpus_bleu(hypotheses, references, variant="perl") == pytest.approx(bleu, rel=1e-12, abs=1e-15)
-    assert e2e_metrics.corpus_nist(hypotheses, references, variant="perl") == pytest.approx(nist, rel=1e-12, abs=1e-15)
+    assert scorers.corpus_bleu(hypotheses, references, variant="perl") == pytest.approx(bleu, rel=1e-12, abs=1e-15)
+    assert scorers.corpus_nist(hypotheses, references, variant="perl") == pytest.approx(nist, rel=1e-12, abs=1e-15)
 
 
 @pytest.mark.slow
@@ -129,9 +129,9 @@ def test_perl_mode_bleu_and_nist_match_the_perl_script_on_degenerate_systems(sha
 @pytest.mark.parametrize("system", sorted(PERL_MODE_COCO))
 def test_mteval_perl_mode_gives_all_five_perl_scorer_numbers(shared_data: Path, tmp_path: Path, system: str) -> None:
     refs, preds = e2e_eval_files(shared_data)
-    system_file = write(tmp_path / "sys.txt", "".join(line + "\n" for line in degenerate_system(system, evaluate.read_text_lines(preds))))
+    system_file = write(tmp_path / "sys.txt", "".join(line + "\n" for line in degenerate_system(system, inputs.read_text_lines(preds))))
     record, _ = evaluate.evaluate(refs, system_file, nist_variant="perl")
-    expected = dict(zip(e2e_metrics.E2E_METRICS, PERL_SCRIPT[system] + PERL_MODE_COCO[system], strict=True))
+    expected = dict(zip(scorers.E2E_METRICS, PERL_SCRIPT[system] + PERL_MODE_COCO[system], strict=True))
     for name, value in expected.items():
         assert record[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
     assert evaluate.parse_args([str(refs), str(system_file), "--mteval", "perl"]).nist == "perl"
@@ -154,10 +154,10 @@ def test_grouped_reference_file_rules(tmp_path: Path) -> None:
     grouped = write(tmp_path / "refs.txt", "a b\n a c \n\nd e\n\n\n")
     # Lines are stripped; only the last (empty) group is dropped, as in the scorer: two trailing blank lines leave
     # one empty instance behind, which check_counts then reports.
-    assert evaluate.read_grouped_references(grouped) == [["a b", "a c"], ["d e"], []]
-    assert evaluate.read_grouped_references(write(tmp_path / "r2.txt", "a b\na c\n\nd e\n")) == [["a b", "a c"], ["d e"]]
+    assert inputs.read_grouped_references(grouped) == [["a b", "a c"], ["d e"], []]
+    assert inputs.read_grouped_references(write(tmp_path / "r2.txt", "a b\na c\n\nd e\n")) == [["a b", "a c"], ["d e"]]
     # No empty line at all: a single-reference file, one instance per line (as the scorer treats it).
-    assert evaluate.read_grouped_references(write(tmp_path / "single.txt", "x\ny\n")) == [["x"], ["y"]]
+    assert inputs.read_grouped_references(write(tmp_path / "single.txt", "x\ny\n")) == [["x"], ["y"]]
 
 
 def test_consecutive_blank_lines_make_an_instance_without_references(tmp_path: Path) -> None:
@@ -169,10 +169,10 @@ def test_consecutive_blank_lines_make_an_instance_without_references(tmp_path: P
 
 def test_csv_groups_by_identical_mr_in_order_of_first_appearance(tmp_path: Path) -> None:
     csv = write(tmp_path / "refs.csv", 'mr,ref\n"m1","one a"\n"m2","two a"\n"m1","one b"\n')
-    assert evaluate.read_csv_references(csv) == (["m1", "m2"], [["one a", "one b"], ["two a"]])
+    assert inputs.read_csv_references(csv) == (["m1", "m2"], [["one a", "one b"], ["two a"]])
     bad = write(tmp_path / "bad.csv", "meaning,text\nm1,one\n")
     with pytest.raises(InputError, match="meaning representation"):
-        evaluate.read_csv_references(bad)
+        inputs.read_csv_references(bad)
 
 
 def test_webnlg_reference_directory(tmp_path: Path) -> None:
@@ -182,12 +182,12 @@ def test_webnlg_reference_directory(tmp_path: Path) -> None:
     write(ref_dir / "reference1", "a cat sat on the mat\nx y z w\n")  # instance 2 padded with its reference 0
     preds = write(tmp_path / "preds.txt", "the cat sat on the mat\nw x y z\n")
     # Every file's line, in file order, copies included (METEOR's choice among equal references depends on order).
-    assert evaluate.read_reference_dir(ref_dir) == [["the cat sat on the mat", "a cat sat on the mat"], ["x y z w", "x y z w"]]
+    assert inputs.read_reference_dir(ref_dir) == [["the cat sat on the mat", "a cat sat on the mat"], ["x y z w", "x y z w"]]
     record, table = evaluate.evaluate(ref_dir, preds, ref_type="webnlg", with_meteor=False)
     # TER: instance 1 exact (0), instance 2 one shift of "w" over 4 words -> mean 1/8.
     assert record["TER"] == pytest.approx(1 / 8)
     assert set(record) >= {"BLEU", "TER", "n_instances"} and "METEOR" not in record and "NIST" not in record
-    assert record["BLEU"] == pytest.approx(e2e_metrics.corpus_bleu(
+    assert record["BLEU"] == pytest.approx(scorers.corpus_bleu(
         ["the cat sat on the mat", "w x y z"], [["the cat sat on the mat", "a cat sat on the mat"], ["x y z w"]],
         variant="multi-bleu-detok"))  # fmt: skip
     assert table["references"][1] == "x y z w"  # people read each distinct reference once
@@ -222,27 +222,27 @@ def test_webnlg_lines_are_read_as_generationeval_reads_them(tmp_path: Path) -> N
     assert record["TER"] == 0.0
     # Lines end at "\n" only, as in both originals; nothing is stripped.
     lone_cr = write(tmp_path / "cr.txt", "a\rb\n c \n")
-    assert evaluate.read_predictions(lone_cr, raw=True) == ["a\rb", " c "]
-    assert evaluate.read_predictions(lone_cr) == ["a", "b", "c"]  # the E2E scorer's reading
+    assert inputs.read_predictions(lone_cr, raw=True) == ["a\rb", " c "]
+    assert inputs.read_predictions(lone_cr) == ["a", "b", "c"]  # the E2E scorer's reading
 
 
 def test_webnlg_reference_directory_errors(tmp_path: Path) -> None:
     ref_dir = tmp_path / "refs"
     ref_dir.mkdir()
     with pytest.raises(InputError, match="reference0"):
-        evaluate.read_reference_dir(ref_dir)
+        inputs.read_reference_dir(ref_dir)
     write(ref_dir / "reference0", "a\nb\n")
     write(ref_dir / "reference1", "a\n")
     with pytest.raises(InputError, match="has 1 lines"):
-        evaluate.read_reference_dir(ref_dir)
+        inputs.read_reference_dir(ref_dir)
     with pytest.raises(InputError, match="must be a directory"):
-        evaluate.load_references(ref_dir / "reference0", "dart")
+        inputs.load_references(ref_dir / "reference0", "dart")
     write(ref_dir / "reference0", "a\n \n")
     write(ref_dir / "reference1", "b\n\n")
     with pytest.raises(InputError, match=r"reference0:2: line 2 is blank in every reference file \(reference0, reference1\)"):
-        evaluate.read_reference_dir(ref_dir)
+        inputs.read_reference_dir(ref_dir)
     with pytest.raises(InputError, match="--ref_type webnlg"):
-        evaluate.load_references(ref_dir, "e2e")
+        inputs.load_references(ref_dir, "e2e")
 
 
 # ---------------------------------------------------------------- errors
@@ -345,15 +345,98 @@ def test_json_output_and_mlflow_table(tmp_path: Path, monkeypatch, capsys) -> No
 def test_predictions_jsonl_must_match_the_instances(tmp_path: Path) -> None:
     jsonl = write(tmp_path / "predictions.jsonl", json.dumps({"context": "only one"}) + "\n")
     with pytest.raises(InputError, match="1 distinct contexts but the references have 2"):
-        evaluate.read_contexts(jsonl, 2)
+        inputs.read_contexts(jsonl, 2)
     write(jsonl, json.dumps({"id": 3}) + "\n")
     with pytest.raises(InputError, match='"context"'):
-        evaluate.read_contexts(jsonl, 1)
+        inputs.read_contexts(jsonl, 1)
 
 
 def test_help_explains_every_option(capsys) -> None:
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--help"])
     text = capsys.readouterr().out
-    for option in ("--json", "--no_meteor", "--ref_type", "--mteval", "--nist", "--predictions", "--mlflow_run_file"):
+    for option in ("--json", "--no_meteor", "--ref_type", "--mteval", "--nist", "--predictions", "--mlflow_run_file", "--examples",
+                   "--base_examples"):
         assert option in text
+
+
+# ---------------------------------------------------------------- one record per instance (decode's examples.jsonl)
+
+FORMATTED = [  # three test lines, two MRs: what prepare writes and decode reads
+    {"context": "name : A | food : Thai", "completion": "A serves Thai food ."},
+    {"context": "name : A | food : Thai", "completion": "Thai food at A ."},
+    {"context": "name : B | area : riverside", "completion": "B is by the river ."},
+]
+OUTPUTS = {0: "A serves Thai food .", 1: "A serves Thai food .", 2: "B is near the river ."}
+
+
+def _decoded(tmp_path: Path, name: str, predictions: dict[int, str], ref_type: str = "e2e") -> Path:
+    """What decode leaves in its work dir: examples.jsonl and the scorer files derived from it."""
+    from steps.decoding.scorer_files import write_scorer_files
+
+    formatted = write(tmp_path / "test.jsonl", "".join(json.dumps(r) + "\n" for r in FORMATTED))
+    out = tmp_path / name
+    out.mkdir()
+    refs = out / ("refs" if ref_type != "e2e" else "refs.txt")
+    write_scorer_files(formatted, predictions, refs, out / "preds.txt", ref_type, ref_num=3, examples_file=out / "examples.jsonl")
+    return out
+
+
+@pytest.mark.parametrize("ref_type", ["e2e", "webnlg"])
+def test_examples_score_exactly_as_the_scorer_files_derived_from_them(tmp_path: Path, ref_type: str) -> None:
+    out = _decoded(tmp_path, "outputs", OUTPUTS, ref_type)
+    records = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["context"], r["prediction"]) for r in records] == [
+        (0, FORMATTED[0]["context"], OUTPUTS[0]), (2, FORMATTED[2]["context"], OUTPUTS[2])]
+    expected = ["A serves Thai food .", "Thai food at A ."] + ([] if ref_type == "e2e" else ["A serves Thai food ."])
+    assert records[0]["references"] == expected  # WebNLG/DART: ref_num of them, padded with the first, as the files
+    refs = out / ("refs" if ref_type != "e2e" else "refs.txt")
+    from_files, _ = evaluate.evaluate(refs, out / "preds.txt", ref_type, with_meteor=False)
+    keys, examples = inputs.read_examples(out / "examples.jsonl", ref_type)
+    from_examples, table = evaluate.score(examples, ref_type, with_meteor=False)
+    assert from_examples == from_files
+    assert keys == [(0, FORMATTED[0]["context"]), (2, FORMATTED[2]["context"])]
+    assert list(table["context"]) == [FORMATTED[0]["context"], FORMATTED[2]["context"]]
+
+
+def test_base_examples_are_matched_by_instance_not_by_line(tmp_path: Path) -> None:
+    adapted = _decoded(tmp_path, "outputs", OUTPUTS)
+    base = _decoded(tmp_path, "outputs_base", {0: "A .", 1: "A .", 2: "B ."})
+    lines = (base / "examples.jsonl").read_text().splitlines()
+    argv = ["--examples", str(adapted / "examples.jsonl"), "--base_examples", str(base / "examples.jsonl"), "--no_meteor"]
+    in_order = evaluate.run(evaluate.parse_args([*argv, "--json", str(tmp_path / "a.json")]))
+    write(base / "examples.jsonl", "\n".join(reversed(lines)) + "\n")  # another order: the same instances
+    reversed_order = evaluate.run(evaluate.parse_args(argv))
+    assert reversed_order["base"] == in_order["base"] and in_order["base"]["BLEU"] < in_order["BLEU"]
+    assert json.loads((tmp_path / "a.json").read_text()) == in_order
+
+    write(base / "examples.jsonl", lines[0] + "\n")
+    with pytest.raises(InputError, match=r"not the same test set.*instance 2 \('name : B"):
+        evaluate.run(evaluate.parse_args(argv))
+    other = json.loads(lines[1]) | {"references": ["B is on the river ."]}
+    write(base / "examples.jsonl", lines[0] + "\n" + json.dumps(other) + "\n")
+    with pytest.raises(InputError, match="instance 2 has other references"):
+        evaluate.run(evaluate.parse_args(argv))
+
+
+def test_a_bad_examples_line_names_file_and_line(tmp_path: Path, capsys) -> None:
+    good = {"id": 0, "context": "c", "prediction": "p", "references": ["r"]}
+    bad = write(tmp_path / "examples.jsonl", json.dumps(good) + "\n" + json.dumps(good | {"references": "r", "id": 1}) + "\n")
+    assert evaluate.main(["--examples", str(bad), "--no_meteor"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and '"references": [str, ...]' in err
+    write(bad, json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    assert evaluate.main(["--examples", str(bad), "--no_meteor"]) == 2
+    assert "appears twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["refs.txt", "--examples", "e.jsonl"], "drop REF_FILE"),
+    (["--examples", "e.jsonl", "--base_pred_file", "b.txt"], "drop --base_pred_file"),
+    (["refs.txt", "preds.txt", "--base_examples", "b.jsonl"], "--base_examples goes with --examples"),
+    ([], "give REF_FILE and PRED_FILE, or --examples"),
+])  # fmt: skip
+def test_examples_mode_and_file_mode_do_not_mix(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

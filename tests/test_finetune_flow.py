@@ -114,8 +114,7 @@ def registered(first_run, project) -> dict:
                         "--beam", "2", "--eval_len", "8", "--batch_size", "4", "--output_ref_file", str(out / "refs.txt"),
                         "--work_dir", str(out)]) == 0
     scores = project / "first/eval.json"
-    assert evaluate.main([str(out / "refs.txt"), str(out / "preds.txt"), "--no_meteor", "--json", str(scores),
-                          "--predictions", str(out / "predictions.jsonl")]) == 0
+    assert evaluate.main(["--examples", str(out / "examples.jsonl"), "--no_meteor", "--json", str(scores)]) == 0
     report = project / "first/register.json"
     assert register.main(["--params", str(first_run["params_file"]), "--project_dir", str(project), "--scores", str(scores),
                           "--output", str(report)]) == 0

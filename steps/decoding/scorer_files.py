@@ -10,12 +10,15 @@ exact context string (or by `--ref_unique_file`), in order of first appearance. 
   e2e:          ref file = each group's references one per line, then one empty line; pred file = one line per group.
   webnlg, dart: ref "file" is a directory of reference0..reference{ref_num-1}; line j of file f is group j's f-th
                 reference, or its reference 0 when it has fewer; pred file = one line per group.
-`steps.decode` calls `write_scorer_files` directly, so the grouping rule lives only here.
+`steps.decode` calls `write_scorer_files` directly, so the grouping rule lives only here. It also writes
+`examples.jsonl`, one record per instance (`{"id", "context", "prediction", "references"}`): the scorer files are
+derived from those records, and `steps.evaluate --examples` reads them instead of the three files.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -29,6 +32,7 @@ from steps.model.tokenizer import EOS_TOKEN
 
 REF_TYPES = DATASETS  # each dataset family has its reference layout
 FILTERS = ("all", "seen", "unseen")
+EXAMPLES_FILE = "examples.jsonl"  # the name decode gives the per-instance records in its work dir
 
 
 def clean_text(text: str) -> str:
@@ -56,7 +60,8 @@ class References:
 
     line_keys: list[Hashable]  # the grouping key of every line (kept by --filter or not), by line index
     groups: dict[Hashable, list[str]] = field(default_factory=dict)  # kept lines' references, first-appearance order
-    first_line: dict[Hashable, int] = field(default_factory=dict)  # a line index of each group (for error messages)
+    first_line: dict[Hashable, int] = field(default_factory=dict)  # the first line index of each group
+    contexts: dict[Hashable, str] = field(default_factory=dict)  # the context text of each group's first line
     path: str = ""
 
 
@@ -83,6 +88,7 @@ def read_references(
             continue
         refs.groups.setdefault(key, []).append(post_process(_one_line(clean_text(item["completion"])), lower, tokenize))
         refs.first_line.setdefault(key, index)
+        refs.contexts.setdefault(key, item["context"])
     if unique_ids is not None and len(unique_ids) != len(refs.line_keys):
         raise InputError(f"--ref_unique_file has {len(unique_ids)} lines but the input file has {len(refs.line_keys)}",
                          ref_unique_file)
@@ -168,24 +174,44 @@ def write_e2e(groups: Sequence[list[str]], preds: Sequence[str], ref_file: str |
     _write_lines(pred_file, preds)
 
 
-def write_multi_ref(
-    groups: Sequence[list[str]], preds: Sequence[str], ref_dir: str | os.PathLike, pred_file: str | os.PathLike, ref_num: int
-) -> None:
-    """GenerationEval layout (WebNLG, DART): ref_dir/reference0..N-1, missing references padded with reference 0."""
-    if ref_num < 1:
-        raise InputError(f"--ref_num must be >= 1 (got {ref_num})")
+def write_multi_ref(references: Sequence[list[str]], preds: Sequence[str], ref_dir: str | os.PathLike, pred_file: str | os.PathLike) -> None:
+    """GenerationEval layout (WebNLG, DART): ref_dir/reference0..N-1, line j of file f = instance j's f-th reference."""
     ref_dir = Path(ref_dir)
     if ref_dir.exists() and not ref_dir.is_dir():
         raise InputError("for webnlg/dart the reference output is a directory, but a file exists there", ref_dir)
     ref_dir.mkdir(parents=True, exist_ok=True)
-    for f in range(ref_num):
-        _write_lines(ref_dir / f"reference{f}", [group[f] if f < len(group) else group[0] for group in groups])
+    for f in range(len(references[0])):
+        _write_lines(ref_dir / f"reference{f}", [group[f] for group in references])
     _write_lines(pred_file, preds)
+
+
+def padded(group: list[str], ref_num: int) -> list[str]:
+    """gpt2_decode's multi-reference rule: exactly ref_num references, the missing ones filled with reference 0."""
+    return [group[f] if f < len(group) else group[0] for f in range(ref_num)]
 
 
 def _write_lines(path: str | os.PathLike, lines: Sequence[str]) -> None:
     with atomic_write(path) as f:
         f.write("".join(line + "\n" for line in lines))
+
+
+def build_examples(refs: References, preds: Sequence[str], ref_type: str = "e2e", ref_num: int = 4) -> list[dict]:
+    """One record per scored instance: {"id", "context", "prediction", "references"}, in the scorer's order.
+
+    `id` is the instance's first line in the input file; `references` are what the scorer reads for it (WebNLG/DART:
+    ref_num of them, padded with reference 0 as gpt2_decode's files are)."""
+    if ref_type != "e2e" and ref_num < 1:
+        raise InputError(f"--ref_num must be >= 1 (got {ref_num})")
+    return [
+        {"id": refs.first_line[key], "context": refs.contexts[key], "prediction": pred,
+         "references": group if ref_type == "e2e" else padded(group, ref_num)}
+        for (key, group), pred in zip(refs.groups.items(), preds)
+    ]
+
+
+def write_examples(examples: Sequence[dict], path: str | os.PathLike) -> None:
+    with atomic_write(path) as f:
+        f.write("".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples))
 
 
 def write_scorer_files(
@@ -200,18 +226,23 @@ def write_scorer_files(
     lower: bool = False,
     tokenize: bool = False,
     sample_file: str = "the predictions",
+    examples_file: str | os.PathLike | None = None,
 ) -> tuple[int, int]:
-    """Group, match and write; return (groups, reference lines). `predictions`: line index -> text."""
+    """Group and match; write the examples (when `examples_file` is given) and, from them, the scorer's files.
+    Return (instances, reference lines). `predictions`: line index -> text."""
     if ref_type not in REF_TYPES:
         raise InputError(f"unknown --ref_type {ref_type!r}; choose one of {', '.join(REF_TYPES)}")
     refs = read_references(input_file, filter, ref_unique_file, lower, tokenize)
-    preds = predictions_by_group(refs, predictions, sample_file, lower, tokenize)
-    groups = list(refs.groups.values())
+    examples = build_examples(refs, predictions_by_group(refs, predictions, sample_file, lower, tokenize), ref_type, ref_num)
+    if examples_file is not None:
+        write_examples(examples, examples_file)
+    references = [example["references"] for example in examples]
+    preds = [example["prediction"] for example in examples]
     if ref_type == "e2e":
-        write_e2e(groups, preds, ref_file, pred_file)
+        write_e2e(references, preds, ref_file, pred_file)
     else:
-        write_multi_ref(groups, preds, ref_file, pred_file, ref_num)
-    return len(groups), sum(len(g) for g in groups)
+        write_multi_ref(references, preds, ref_file, pred_file)
+    return len(examples), sum(len(group) for group in refs.groups.values())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_ref_file", required=True, help="e2e: the reference file; webnlg/dart: a directory "
                         "for reference0..N-1 (created)")
     parser.add_argument("--output_pred_file", required=True, help="one prediction per reference group")
+    parser.add_argument("--output_examples", default=None, help='optional: also write one JSON record per instance, '
+                        '{"id", "context", "prediction", "references"} (what steps.evaluate --examples reads)')
     parser.add_argument("--ref_unique_file", default=None, help="optional: one integer per input line, used as the "
                         "grouping key instead of the context string")
     parser.add_argument("--ref_type", default="e2e", choices=REF_TYPES, help="output layout (default e2e)")
@@ -251,8 +284,9 @@ def run(args: argparse.Namespace) -> str:
     n_groups, n_refs = write_scorer_files(
         args.input_file, predictions, args.output_ref_file, args.output_pred_file, args.ref_type, args.ref_num,
         args.filter, args.ref_unique_file, args.lower, args.tokenize, sample_file=args.sample_file,
+        examples_file=args.output_examples,
     )
-    return (f"decode_text: {len(predictions)} predictions -> {n_groups} groups, {n_refs} references ({args.ref_type}): "
+    return (f"scorer_files: {len(predictions)} predictions -> {n_groups} groups, {n_refs} references ({args.ref_type}): "
             f"{args.output_ref_file}, {args.output_pred_file}")
 
 
