@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     start_api_server()
     from pipelines.finetune_flow import finetune  # Prefect reads its settings at import: after the defaults
 
-    state = finetune(params_file=str(cfg.params_file), project_dir=str(cfg.project_dir), overrides=args.overrides, return_state=True)
+    state = finetune(cfg, return_state=True)  # the config checked above: params.yaml is read once
     exc = None if state.is_completed() else state.result(raise_on_failure=False)
     if isinstance(exc, InputError):
         raise exc

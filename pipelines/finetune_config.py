@@ -54,7 +54,13 @@ class FinetuneConfig:
         return settings.resolve_path(self.project_dir, value)
 
 
-def load_config(params_file: str | os.PathLike, project_dir: str | os.PathLike = ".", overrides: list[str] | None = None) -> FinetuneConfig:
+TRAINING_INPUTS = ("train_data", "valid_data", "init_checkpoint")
+
+
+def load_config(params_file: str | os.PathLike, project_dir: str | os.PathLike = ".", overrides: list[str] | None = None,
+                inputs: tuple[str, ...] = TRAINING_INPUTS) -> FinetuneConfig:
+    """Read params.yaml once and check it whole; `inputs` are the `finetune` files that must exist (training needs
+    all three; the register stage only the validation data, for its input example)."""
     project = Path(project_dir).resolve()
     params_path = settings.resolve_path(project, params_file)
     params = settings.load_params(params_path, overrides)
@@ -69,7 +75,7 @@ def load_config(params_file: str | os.PathLike, project_dir: str | os.PathLike =
     check_trainer_section(trainer, params_path)
     check_flow_section(launch, params_path)
     check_torchrun_section(launch["torchrun"], params_path)
-    for key in ("train_data", "valid_data", "init_checkpoint"):
+    for key in inputs:
         if not settings.resolve_path(project, trainer[key]).is_file():
             raise InputError(f"finetune.{key} = {trainer[key]} does not exist; run the earlier stages first (dvc repro)", params_path)
     return FinetuneConfig(project, params_path, params, trainer, launch, tracking, decode, settings.tracking_uri(tracking, project))
@@ -144,20 +150,51 @@ def torchrun_argv(torchrun: dict[str, Any]) -> list[str]:
 
     One node with no rendezvous endpoint: --standalone (a private rendezvous on a free local port, so
     two trainings on one machine never collide). Several nodes: every multi-node setting that is set
-    (master_addr/port or rdzv_backend/endpoint/id) is passed through unchanged.
+    (master_addr/port or rdzv_backend/endpoint/id) is passed through unchanged. When the rendezvous is on this
+    machine's loopback (or --standalone), torchrun runs through pipelines.loopback_torchrun, whose stores listen
+    on 127.0.0.1 only.
     """
     argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun['nproc_per_node']}"]
-    multi_node_keys = ["master_addr", "master_port", "rdzv_backend", "rdzv_endpoint", "rdzv_id"]
-    if int(torchrun["nnodes"]) == 1 and not any(torchrun.get(k) for k in multi_node_keys):
+    if rendezvous_on_loopback(torchrun):
+        host = rendezvous_host(torchrun)
+        argv[2] = "pipelines.loopback_torchrun"
+        argv.append(f"--local_addr={host if host not in (None, 'localhost') else '127.0.0.1'}")  # the workers' store too
+    if int(torchrun["nnodes"]) == 1 and not any(torchrun.get(k) for k in MULTI_NODE_KEYS):
         argv.append("--standalone")
     else:
         argv += [f"--nnodes={torchrun['nnodes']}", f"--node_rank={torchrun['node_rank']}"]
-        argv += [f"--{key}={torchrun[key]}" for key in multi_node_keys if torchrun.get(key)]
+        argv += [f"--{key}={torchrun[key]}" for key in MULTI_NODE_KEYS if torchrun.get(key)]
     if torchrun.get("max_restarts"):  # elastic: a failed worker restarts the whole group, which resumes from its checkpoint
         argv.append(f"--max_restarts={torchrun['max_restarts']}")
     if torchrun.get("rdzv_backend") and torchrun.get("join_timeout"):  # how long the nodes wait for each other
         argv.append(f"--rdzv_conf=join_timeout={torchrun['join_timeout']}")
     return [*argv, "-m", "steps.train"]
+
+
+MULTI_NODE_KEYS = ["master_addr", "master_port", "rdzv_backend", "rdzv_endpoint", "rdzv_id"]
+
+
+def rendezvous_host(torchrun: dict[str, Any]) -> str | None:
+    """The host the nodes meet at (rdzv_endpoint's, else master_addr); None for --standalone."""
+    endpoint = str(torchrun.get("rdzv_endpoint") or "")
+    if endpoint.startswith("["):  # [IPv6]:port
+        return endpoint[1:endpoint.find("]")]
+    if endpoint:
+        return endpoint.split(":")[0] if endpoint.count(":") == 1 else endpoint  # host:port, host, or a bare IPv6
+    return str(torchrun["master_addr"]) if torchrun.get("master_addr") else None
+
+
+def rendezvous_on_loopback(torchrun: dict[str, Any]) -> bool:
+    """Whether every node meets on this machine's loopback interface (or torchrun runs --standalone)."""
+    import ipaddress
+
+    host = rendezvous_host(torchrun)
+    if host is None or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: another machine, or this one by a name other machines can reach
 
 
 def world_size(torchrun: dict[str, Any]) -> int | str:

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from pipelines import mlflow_run, trainer_launch
-from pipelines.finetune_config import FinetuneConfig, load_config
+from pipelines.finetune_config import FinetuneConfig
 from steps.core.process import work_dir_lock
 
 
@@ -54,10 +54,10 @@ def finish_run(cfg: FinetuneConfig, run_id: str, summary: dict[str, Any]) -> Non
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(params_file: str = "params.yaml", project_dir: str = ".", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Fine-tune with LoRA under torchrun, tracked in MLflow. See the module docstring."""
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune with LoRA under torchrun, tracked in MLflow, from params checked whole by load_config() (the
+    stage's CLI, pipelines/finetune.py, does that before Prefect starts). See the module docstring."""
     started = time.perf_counter()
-    cfg = load_config(params_file, project_dir, overrides)
     train_with_retries = train.with_options(retries=int(cfg.launch["retries"]),
                                             retry_delay_seconds=float(cfg.launch["retry_delay_seconds"]))
     if cfg.node_rank != 0:

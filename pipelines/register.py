@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(args.params, args.project_dir, args.overrides)
+    cfg = load_config(args.params, args.project_dir, args.overrides, inputs=("valid_data",))  # no training data needed
     # The decoding settings the registered model will carry (the finetune stage does not read them).
     settings.require(cfg.decode, [*REQUEST_OPTIONS, "eos_token_id", "seq_len", "batch_size"], "decode", cfg.params_file)
     chosen = RegisterSettings.from_params(cfg.params, cfg.params_file)

@@ -6,9 +6,11 @@ How it is launched, by `flow.torchrun`:
   rendezvous file and talking over loopback (gloo/NCCL bound to `lo`). torchrun is not used here because its
   rendezvous stores listen on every interface, unauthenticated, and unpickle what they are sent.
 - several nodes: torchrun with the endpoint the user configured (docs/pipeline.md: keep that port reachable
-  by the training nodes alone). Node 0's flow marks its processes as the output node (NLG_OUTPUT_NODE), so the
-  trainer's rank 0, which writes the work dir and logs to MLflow, is on the node that owns the run, whatever
-  order torchrun's rendezvous gives the nodes. torchrun passes no descriptors on, so the work dir's lock is
+  by the training nodes alone; the flow says so at launch). When that endpoint is a loopback address (the
+  nodes are on this machine), torchrun runs through pipelines.loopback_torchrun: nothing listens beyond
+  loopback. Node 0's flow marks its processes as the output node (NLG_OUTPUT_NODE), so the trainer's rank 0,
+  which writes the work dir and logs to MLflow, is on the node that owns the run, whatever order torchrun's
+  rendezvous gives the nodes. torchrun passes no descriptors on, so the work dir's lock is
   shared by naming the flow's PID instead (steps.core.process.holds_inherited_lock).
 
 Whether a failed training is worth retrying is read from the trainer's own `status.json` in the work dir,
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipelines import settings, shell
-from pipelines.finetune_config import FinetuneConfig, torchrun_argv, trainer_argv
+from pipelines.finetune_config import FinetuneConfig, rendezvous_host, rendezvous_on_loopback, torchrun_argv, trainer_argv
 from steps.core.common import InputError
 from steps.core.process import PARENT_PID_ENV, WORK_DIR_LOCK_FD, WORK_DIR_LOCK_HOLDER, held_lock
 from steps.training.distributed import OUTPUT_NODE, RENDEZVOUS_FILE
@@ -79,6 +81,13 @@ def trainer_commands(cfg: FinetuneConfig, run_id: str | None, error_file: Path |
     return [(command, {**env, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(world)]
 
 
+def exposure_warning(torchrun: dict) -> str:
+    return (f"warning: torchrun's rendezvous store at {rendezvous_host(torchrun)} and the ports the training processes open "
+            "among themselves accept anyone who reaches them, unauthenticated, and what torchrun reads from them is "
+            "unpickled (code can run in the training): keep them reachable by the training nodes alone (a private "
+            "network or a firewall; docs/reliability.md#network-exposure)")
+
+
 def torchrun_env(cfg: FinetuneConfig, lock_fd: int | None, error_file: Path | None) -> dict[str, str]:
     env = {# torch 2.13 keeps one store for every rendezvous round, and the restarted workers' gloo then reads the
            # dead workers' addresses from it and fails (measured: max_restarts never recovered). A store per round works.
@@ -87,6 +96,8 @@ def torchrun_env(cfg: FinetuneConfig, lock_fd: int | None, error_file: Path | No
         env["TORCHELASTIC_ERROR_FILE"] = str(error_file)
     if cfg.node_rank == 0:
         env[OUTPUT_NODE] = "1"  # rank 0 on this node: it writes this node's work dir and the MLflow run
+    if rendezvous_on_loopback(cfg.launch["torchrun"]):  # all nodes on this machine: gloo/NCCL over loopback too
+        env.update(GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
     if lock_fd is not None:
         env[WORK_DIR_LOCK_HOLDER] = str(os.getpid())
     return env
@@ -118,6 +129,8 @@ def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str]
     error_file = Path(name)
     commands = trainer_commands(cfg, run_id, error_file)
     lock_fd = held_lock(cfg.work_dir)
+    if launches_torchrun(cfg) and not rendezvous_on_loopback(cfg.launch["torchrun"]):
+        on_line(exposure_warning(cfg.launch["torchrun"]))
     on_line(f"launching: {' '.join(commands[0][0])}" + (f" (x{len(commands)} processes)" if len(commands) > 1 else ""))
     if launches_torchrun(cfg):  # torchrun arms no parent-death signal itself: it gets SIGTERM when this flow ends
         commands = [(shell.with_parent_death_signal(argv), env) for argv, env in commands]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,15 +31,33 @@ def test_torchrun_command_single_node_and_multi_node():
     from pipelines.finetune import torchrun_argv
 
     single = torchrun_argv({"nproc_per_node": 2, "nnodes": 1, "node_rank": 0, "master_addr": "", "master_port": 0, "rdzv_endpoint": ""})
-    assert single[:3] == [sys.executable, "-m", "torch.distributed.run"] and single[-2:] == ["-m", "steps.train"]
+    # --standalone meets on localhost: torchrun through the wrapper whose stores listen on loopback only
+    assert single[:3] == [sys.executable, "-m", "pipelines.loopback_torchrun"] and single[-2:] == ["-m", "steps.train"]
     args = get_args_parser().parse_args([*single[3:-2], "-m", "steps.train"])
-    assert args.standalone and args.nproc_per_node == "2"
+    assert args.standalone and args.nproc_per_node == "2" and args.local_addr == "127.0.0.1"
 
     multi = torchrun_argv({"nproc_per_node": 8, "nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1", "master_port": 29500,
                            "rdzv_backend": "", "rdzv_endpoint": "", "rdzv_id": ""})
+    assert multi[:3] == [sys.executable, "-m", "torch.distributed.run"]  # another machine's address: torchrun as it is
     args = get_args_parser().parse_args([*multi[3:-2], "-m", "steps.train"])
-    assert not args.standalone
+    assert not args.standalone and args.local_addr is None
     assert (args.nnodes, args.node_rank, args.master_addr, args.master_port) == ("2", 1, "10.0.0.1", 29500)
+
+
+@pytest.mark.parametrize(("torchrun", "loopback"), [
+    ({"rdzv_endpoint": "127.0.0.1:29400"}, True), ({"rdzv_endpoint": "[::1]:29400"}, True), ({"rdzv_endpoint": "localhost"}, True),
+    ({"master_addr": "127.0.0.2", "master_port": 1}, True), ({}, True),  # no endpoint: --standalone, on localhost
+    ({"rdzv_endpoint": "10.0.0.1:29400"}, False), ({"rdzv_endpoint": "node0:29400"}, False), ({"master_addr": "node0"}, False),
+])  # fmt: skip
+def test_only_a_loopback_rendezvous_keeps_torchrun_on_loopback_and_the_others_are_warned(torchrun, loopback):
+    from pipelines.finetune_config import rendezvous_on_loopback
+    from pipelines.trainer_launch import exposure_warning
+
+    assert rendezvous_on_loopback(torchrun) == loopback
+    if not loopback:  # what the flow prints before it launches torchrun for other machines
+        warning = exposure_warning(torchrun)
+        assert warning.startswith("warning: torchrun's rendezvous store at ") and "unauthenticated" in warning
+        assert torchrun.get("rdzv_endpoint", torchrun.get("master_addr")).split(":")[0] in warning
 
 
 def test_bad_params_fail_fast_with_status_2(tmp_path, capsys):

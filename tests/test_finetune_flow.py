@@ -83,6 +83,7 @@ def first_run(project, monkeypatch_module):
     """One complete, uninterrupted flow run, and what the store holds right after it."""
     from mlflow import MlflowClient
 
+    from pipelines.finetune_config import load_config
     from pipelines.finetune_flow import finetune
 
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -90,7 +91,7 @@ def first_run(project, monkeypatch_module):
     # machine's load, and the kill test's bitwise comparison with this run failed on a busy machine (1e-4 in bf16).
     monkeypatch_module.setenv("OMP_NUM_THREADS", "1")
     params_file = write_params(project, "first", "models/first", "models/first_run.json")
-    state = finetune(params_file=str(params_file), project_dir=str(project), return_state=True)
+    state = finetune(load_config(params_file, project), return_state=True)
     result = state.result() if state.is_completed() else None
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     registered = [m.name for m in client.search_registered_models()]
@@ -315,13 +316,14 @@ def test_killed_trainer_is_retried_resumes_and_matches_the_uninterrupted_run(fir
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from safetensors.torch import load_file
 
+    from pipelines.finetune_config import load_config
     from pipelines.finetune_flow import finetune
 
     params_file = write_params(project, "killed", "models/killed", "models/killed_run.json")
     killed: list[int] = []
     watcher = threading.Thread(target=kill_trainer_after_first_checkpoint, args=(project, "models/killed", killed), daemon=True)
     watcher.start()
-    state = finetune(params_file=str(params_file), project_dir=str(project), return_state=True)
+    state = finetune(load_config(params_file, project), return_state=True)
     watcher.join(5)
     assert killed, "the trainer was never killed (no checkpoint seen)"
     assert state.is_completed(), state

@@ -79,6 +79,36 @@ def start_node(root: Path, params: Path, node_rank: int, api_url: str, *override
                                  *sets], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def is_agent(cmd: str) -> bool:
+    """A torchrun agent's command line (the flow runs torchrun through pipelines.loopback_torchrun on loopback)."""
+    return "torch.distributed.run" in cmd or "pipelines.loopback_torchrun" in cmd
+
+
+def listening_sockets(roots: tuple[Path, ...]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state held by a process working in one of `roots`, from /proc."""
+    import ipaddress
+
+    inodes = set()
+    for pid, (_, _, cwd) in processes().items():
+        if cwd in {str(root) for root in roots}:
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(fd)
+                        if target.startswith("socket:["):
+                            inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                hex_address, hex_port = fields[1].split(":")
+                raw = bytes.fromhex(hex_address)  # little-endian 32-bit words, as the kernel prints them
+                packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add((str(ipaddress.ip_address(packed)), int(hex_port, 16)))
+    return found
+
+
 def log_of(root: Path, params: Path, node_rank: int) -> str:
     return (root / f"{params.stem}.node{node_rank}.log").read_text()
 
@@ -86,7 +116,7 @@ def log_of(root: Path, params: Path, node_rank: int) -> str:
 def wait_for_agent(root: Path, deadline: float) -> None:
     """Until node 1's torchrun agent runs (so it has the lower PID, see the module docstring)."""
     while time.monotonic() < deadline:
-        if any("torch.distributed.run" in cmd and cwd == str(root) for _, cmd, cwd in processes().values()):
+        if any(is_agent(cmd) and cwd == str(root) for _, cmd, cwd in processes().values()):
             return
         time.sleep(0.2)
     raise AssertionError("node 1's torchrun agent never started")
@@ -125,7 +155,18 @@ def run_two_nodes(machines: tuple[Path, Path], name: str, api_url: str, during=N
 
 @pytest.fixture(scope="module")
 def two_nodes(machines, prefect_api_url) -> dict:
-    return run_two_nodes(machines, "two", prefect_api_url)
+    """The two-node run, and every listening socket its torchrun agents and workers held while it ran."""
+    listening: set[tuple[str, int]] = set()
+
+    def watch_ports() -> None:
+        node0, _ = machines
+        deadline = time.monotonic() + NODE_TIMEOUT
+        while time.monotonic() < deadline and not (node0 / "models/two/adapter.safetensors").is_file():
+            listening.update(listening_sockets(machines))
+            time.sleep(0.1)
+
+    result = run_two_nodes(machines, "two", prefect_api_url, during=watch_ports)
+    return {**result, "listening": listening}
 
 
 def one_process_adapter(root: Path, params: Path, work_dir: Path) -> dict[str, torch.Tensor]:
@@ -152,6 +193,44 @@ def test_two_nodes_train_the_adapter_of_one_process_with_the_whole_batch(two_nod
 
 
 @pytest.mark.slow
+def test_nodes_meeting_on_loopback_listen_on_loopback_alone(two_nodes):
+    """torchrun alone binds its stores to every interface whatever the endpoint; run by the flow through
+    pipelines.loopback_torchrun, the rendezvous store, the workers' store and gloo all listen on loopback."""
+    import ipaddress
+
+    assert two_nodes["listening"], "no listening socket seen: the watch missed the run"
+    assert all(ipaddress.ip_address(address).is_loopback for address, _ in two_nodes["listening"]), two_nodes["listening"]
+
+
+def test_the_loopback_store_refuses_nothing_torchrun_relies_on():
+    """In a process of its own (the wrapper patches torch for the process it runs in): a hosted store listens on
+    127.0.0.1 (or ::1) only, works for clients, and a second host on the same port fails with the RuntimeError that
+    makes torchrun's c10d backend connect as a client instead."""
+    code = """
+import datetime, socket, sys
+from pipelines import loopback_torchrun as w
+assert w.install() >= 2
+import torch.distributed as dist
+from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend as c10d
+assert dist.TCPStore is w.LoopbackTCPStore and c10d.TCPStore is w.LoopbackTCPStore
+store = dist.TCPStore("localhost", 0, is_master=True, timeout=datetime.timedelta(seconds=10))
+client = dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=datetime.timedelta(seconds=10))
+client.set("k", "v"); assert store.get("k") == b"v"
+try:
+    dist.TCPStore("127.0.0.1", store.port, is_master=True, timeout=datetime.timedelta(seconds=2))
+except RuntimeError as exc:
+    assert "cannot listen on 127.0.0.1" in str(exc)
+else:
+    raise AssertionError("a second store hosted on the same port")
+print(store.port)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    port = int(done.stdout.split()[-1])
+    listeners = [line.split()[3] for line in subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout.splitlines()]
+    assert not any(address.endswith(f":{port}") for address in listeners)  # gone with its process
+
+
 def test_only_node_0_has_an_mlflow_run_and_outputs(two_nodes, machines):
     from mlflow import MlflowClient
 
@@ -185,7 +264,7 @@ def test_a_killed_worker_on_node_1_restarts_the_group_which_resumes_and_matches(
         while time.monotonic() < deadline and not killed:
             if (node0 / "models/elastic/resume/state.pt").is_file():
                 workers = [pid for pid, (_, cmd, cwd) in processes().items()
-                           if "-m steps.train" in cmd and "torch.distributed.run" not in cmd and cwd == str(node1)]
+                           if "-m steps.train" in cmd and not is_agent(cmd) and cwd == str(node1)]
                 for pid in workers:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)

@@ -141,6 +141,13 @@ def test_version_carries_scores_base_and_test_data_hashes_and_its_run(project, c
     assert logged.source_run_id == version.run_id and logged.name == "adapter"
 
 
+def test_registering_needs_no_training_data_on_disk(project, client, capsys):
+    """The stage registers what was trained and evaluated: a machine that has the adapter and the scores, but not
+    the (possibly large, private) training set, can register it."""
+    report, _ = register_with(project, capsys, "no-train-data", SCORES, "finetune.train_data=data/encoded/not-here.jsonl")
+    assert client.get_model_version("no-train-data", report["version"]).tags["test_data"] == "outputs/refs.txt"
+
+
 def test_other_test_data_does_not_compete_and_the_candidate_still_moves(project, client, capsys):
     register_with(project, capsys, "data", SCORES)
     refs = project / "outputs/refs.txt"

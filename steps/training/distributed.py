@@ -26,6 +26,8 @@ RENDEZVOUS_FILE = "NLG_RENDEZVOUS_FILE"
 BROADCAST_CHUNK = 1 << 26  # bytes per collective when a file is sent to every rank (64 MiB of device memory at a time)
 # "1" on the node whose processes write the outputs (rank 0 and its neighbours); see the module docstring.
 OUTPUT_NODE = "NLG_OUTPUT_NODE"
+# "1" when every node is on this machine (set by pipelines.loopback_torchrun): stores listen on loopback only.
+LOOPBACK_STORE = "NLG_LOOPBACK_STORE"
 
 
 @dataclass
@@ -100,10 +102,55 @@ def setup_distributed(device_choice: str) -> Dist:
         rendezvous = os.environ.get(RENDEZVOUS_FILE)
         if rendezvous:  # the finetune flow's single-node launch: a file, no network listener
             dist.init_process_group(backend, init_method=Path(rendezvous).resolve().as_uri(), rank=rank, world_size=world)
+        elif os.environ.get(LOOPBACK_STORE) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            # torchrun with nodes on this machine, workers not sharing its store: rank 0 hosts theirs on loopback
+            dist.init_process_group(backend, store=workers_store(rank, world), rank=rank, world_size=world)
+            return output_node_first(rank, world, device)
         else:  # torchrun (several nodes): its TCP store, on the endpoint the user configured
             dist.init_process_group(backend)
             return output_node_first(rank, world, device)
     return Dist(rank, world, device)
+
+
+def loopback_address(host: str | None) -> str:
+    """Where to listen for a store named `host`: the host itself when it is a loopback address (::1 included), else
+    127.0.0.1."""
+    import ipaddress
+
+    try:
+        return host if host and ipaddress.ip_address(host).is_loopback else "127.0.0.1"
+    except ValueError:
+        return "127.0.0.1"
+
+
+def listen_on_loopback(host: str, port: int) -> tuple[int, int]:
+    """A listening TCP socket on the loopback address `host` (port 0: any free one), for TCPStore's master_listen_fd
+    (torch's own stores bind every interface); returns (its descriptor, which the store then owns, its port)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        # torchrun treats a RuntimeError from a store it tried to host as "another process hosts it" and connects.
+        raise RuntimeError(f"cannot listen on {host} port {port}: {exc}") from None
+    port = sock.getsockname()[1]
+    return sock.detach(), port
+
+
+def workers_store(rank: int, world: int) -> dist.TCPStore:
+    """The store torchrun's workers meet in (MASTER_ADDR:MASTER_PORT), hosted by rank 0 on loopback."""
+    from torch.distributed.constants import default_pg_timeout
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    listen_fd = None
+    if rank == 0:
+        listen_fd, port = listen_on_loopback(loopback_address(host), port)
+    return dist.TCPStore(host, port, world, is_master=rank == 0, timeout=default_pg_timeout, multi_tenant=True,
+                         master_listen_fd=listen_fd)
 
 
 current: Dist | None = None  # this process's layout once torchrun's group is made (steps.training.status asks it)
