@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -124,9 +125,9 @@ def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str]
     if cfg.node_rank == 0:  # other nodes write nothing, and may share node 0's work dir
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
         cfg.work.status.unlink(missing_ok=True)  # a status left by an earlier run must not decide about this one
-    handle, name = tempfile.mkstemp(prefix="nlg-torchrun-error-", suffix=".json")  # private to this launch
-    os.close(handle)
-    error_file = Path(name)
+    # torchrun writes why it failed here; nothing is created for a launch without torchrun (the usual one)
+    error_dir = Path(tempfile.mkdtemp(prefix="nlg-torchrun-")) if launches_torchrun(cfg) else None
+    error_file = error_dir / "error.json" if error_dir else None
     commands = trainer_commands(cfg, run_id, error_file)
     lock_fd = held_lock(cfg.work_dir)
     if launches_torchrun(cfg) and not rendezvous_on_loopback(cfg.launch["torchrun"]):
@@ -136,9 +137,10 @@ def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str]
         commands = [(shell.with_parent_death_signal(argv), env) for argv, env in commands]
     try:
         returncode = shell.stream_all(commands, cfg.project_dir, on_line, pass_fds=() if lock_fd is None else (lock_fd,))
-        timed_out = returncode != 0 and rendezvous_timed_out(error_file)
+        timed_out = returncode != 0 and error_file is not None and rendezvous_timed_out(error_file)
     finally:
-        error_file.unlink(missing_ok=True)
+        if error_dir is not None:
+            shutil.rmtree(error_dir, ignore_errors=True)
         for _, env in commands:
             if RENDEZVOUS_FILE in env:
                 Path(env[RENDEZVOUS_FILE]).unlink(missing_ok=True)
