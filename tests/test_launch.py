@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -65,11 +66,20 @@ def test_two_processes_on_one_node_listen_on_loopback_only_and_equal_one_process
     result is the one-process run with the same global batch (batch 4 on each of 2 ranks = batch 8)."""
     seen: set[str] = set()
     me = psutil.Process()
+    done = threading.Event()
 
-    def watch(line: str) -> None:
-        seen.update(listening_addresses(me))
+    def watch() -> None:  # every 50 ms while the two ranks train (not per output line: a loaded machine prints late)
+        while not done.is_set():
+            seen.update(listening_addresses(me))
+            done.wait(0.05)
 
-    run_trainer(config(tmp_path, tmp_path / "two", nproc=2, train_batch_size=4), None, watch)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run_trainer(config(tmp_path, tmp_path / "two", nproc=2, train_batch_size=4), None, lambda line: None)
+    finally:
+        done.set()
+        watcher.join(5)
     run_trainer(config(tmp_path, tmp_path / "one", nproc=1, train_batch_size=8), None, lambda line: None)
     assert seen, "no listening socket was seen while two ranks trained (gloo listens on loopback)"
     assert all(ipaddress.ip_address(address).is_loopback for address in seen), seen
