@@ -1,6 +1,7 @@
 """The evaluate stage: score predictions against references with the official data-to-text metrics.
 
-    python -m steps.evaluate REF_FILE PRED_FILE [--json metrics/eval.json] [--no_meteor] [--mteval python|perl]
+    python -m steps.evaluate REF_FILE PRED_FILE [--json metrics/eval.json] [--scores_json metrics/scores.json]
+                             [--no_meteor] [--mteval python|perl]
                              [--ref_type e2e|webnlg|dart] [--predictions outputs/predictions.jsonl]
                              [--mlflow_run_file models/mlflow_run.json]
     python -m steps.evaluate --examples outputs/examples.jsonl [--base_examples outputs_base/examples.jsonl] ...
@@ -149,7 +150,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base_examples", type=Path, default=None,
                         help="with --examples: the decode_base stage's examples.jsonl (the base model alone, same test set), "
                         "matched by instance, scored the same way and written under `base`")  # fmt: skip
-    parser.add_argument("--json", type=Path, default=None, help="write the scores as JSON here (atomically)")
+    parser.add_argument("--json", type=Path, default=None, help="write the evaluation record as JSON here (atomically): "
+                        "scores, slot error counts, how each metric was computed")
+    parser.add_argument("--scores_json", type=Path, default=None, help="also write the numbers that compare across runs "
+                        "(the metrics and SER, and the base alone's) as JSON here: the DVC metric `dvc exp show` lists")
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR (it needs Java); METEOR is then absent from the output, not 0")
     parser.add_argument("--ref_type", choices=REF_TYPES, default="e2e", help="dataset family: which reference layout and metric set (default: e2e)")
     parser.add_argument("--mteval", "--nist", dest="nist", choices=("python", "perl"), default="python",
@@ -198,8 +202,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     started = time.perf_counter()
-    if args.json:
-        require_writable(Path(args.json).parent)  # a read-only output dir fails now, not after scoring
+    for path in (args.json, args.scores_json):
+        if path:
+            require_writable(Path(path).parent)  # a read-only output dir fails now, not after scoring
     inputs, base_predictions = load_run_inputs(args)
     warning = all_empty_warning(inputs[0], args.examples or args.pred_file)
     if warning:
@@ -231,6 +236,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("note: Java not found; ROUGE_L and CIDEr used the pure-Python approximation of the PTB tokeniser")
     if args.json:
         write_json(args.json, record)
+    if args.scores_json:
+        write_json(args.scores_json, report.comparable(record, names))
     if args.mlflow_run_file:
         from steps.core.tracking import log_predictions_table
 

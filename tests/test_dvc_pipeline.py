@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ["sample", "prepare", "encode", "finetune", "decode", "decode_base", "evaluate", "register"]
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 TRAIN_SUMMARY = ("best_valid_loss", "final_train_loss")
-METRIC_FILES = ("metrics/eval.json", "metrics/train_summary.json", "metrics/register.json")
+METRIC_FILES = ("metrics/scores.json", "metrics/train_summary.json")  # what `dvc exp show` and `dvc metrics diff` compare
+RECORD_FILES = ("metrics/eval.json", "metrics/register.json")  # committed beside them: the full records, not metrics
 PLOT_FILES = ("plots/train_loss.csv", "plots/valid_loss.csv", "plots/loss.png")
 MACHINE_FILE = "metrics/machine.json"  # committed, but no metric: where the numbers were computed
 RUN_FILE = "models/mlflow_run.json"
@@ -55,8 +56,10 @@ def copy_working_tree(target: Path) -> None:
             shutil.copy2(source, target / name)
 
 
-def dvc(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def dvc(project: Path, *args: str, timeout: int = 600, columns: int | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "PREFECT_API_URL")}
+    if columns is not None:  # the terminal width tables are drawn for
+        env["COLUMNS"] = str(columns)
     env.update({
         "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),  # stage commands call `python`
         "PREFECT_HOME": str(project / ".prefect"),
@@ -107,7 +110,7 @@ def exp_show(project: Path) -> dict[str, dict]:
 
 def metrics_of(row: dict) -> dict[str, float]:
     """The scores and train-summary values `dvc exp show` lists for one row."""
-    return {**{name: row["metrics"].get("metrics/eval.json", {}).get(name) for name in SCORES},
+    return {**{name: row["metrics"].get("metrics/scores.json", {}).get(name) for name in SCORES},
             **{name: row["metrics"].get("metrics/train_summary.json", {}).get(name) for name in TRAIN_SUMMARY}}
 
 
@@ -211,10 +214,10 @@ def test_git_holds_metrics_and_plots_and_nothing_machine_specific(baseline, proj
     """Committed: dvc.lock, metrics, plots. Ignored: DVC-cached outputs, the run file, the MLflow and Prefect stores.
     No tracked output holds this machine's paths, its host name, or a time."""
     assert baseline["git_status"] == ""  # everything a repro writes is either committed or ignored
-    assert set(git(project, "ls-files", "metrics", "plots").split()) == {*METRIC_FILES, *PLOT_FILES, MACHINE_FILE}
+    assert set(git(project, "ls-files", "metrics", "plots").split()) == {*METRIC_FILES, *RECORD_FILES, *PLOT_FILES, MACHINE_FILE}
     for ignored in (RUN_FILE, "mlflow.db", "models/finetune/adapter.safetensors", "outputs/preds.txt", "data/encoded/train.jsonl"):
         assert git(project, "check-ignore", ignored).strip() == ignored
-    tracked = [project / name for name in ("dvc.lock", *METRIC_FILES, MACHINE_FILE, "plots/train_loss.csv", "plots/valid_loss.csv")]
+    tracked = [project / name for name in ("dvc.lock", *METRIC_FILES, *RECORD_FILES, MACHINE_FILE, "plots/train_loss.csv", "plots/valid_loss.csv")]
     tracked += [path for folder in ("data/encoded", "models/finetune", "outputs") for path in (project / folder).rglob("*")
                 if path.suffix in (".json", ".jsonl", ".csv", ".txt")]
     host = socket.gethostname()
@@ -222,7 +225,7 @@ def test_git_holds_metrics_and_plots_and_nothing_machine_specific(baseline, proj
         text = path.read_text()
         assert str(project.parent) not in text, f"{path} holds an absolute path"
         assert len(host) < 4 or host not in text, f"{path} holds the host name {host}"
-    for path in [*(project / name for name in METRIC_FILES), *(project / "models/finetune").glob("*.json")]:
+    for path in [*(project / name for name in (*METRIC_FILES, *RECORD_FILES)), *(project / "models/finetune").glob("*.json")]:
         keys = " ".join(json.loads(path.read_text())).lower()
         assert not any(word in keys for word in ("time", "wall", "seconds", "date", "host")), f"{path}: {keys}"
 
@@ -241,7 +244,10 @@ def test_second_repro_does_nothing(baseline):
 def test_metrics_and_plots_show(baseline, project):
     metrics = dvc_json(project, "metrics", "show")
     data = metrics[""]["data"] if "" in metrics else next(iter(metrics.values()))["data"]
-    assert data["metrics/eval.json"]["data"]["BLEU"] >= 0
+    assert set(data) == set(METRIC_FILES)  # numbers that compare; the descriptive records are not metrics
+    scores = data["metrics/scores.json"]["data"]
+    assert set(scores) == {*SCORES, "SER", "base"} and set(scores["base"]) == {*SCORES, "SER"}
+    assert all(isinstance(v, float) for v in [*(scores[k] for k in SCORES), *scores["base"].values()])
     assert data["metrics/train_summary.json"]["data"]["steps"] == 8
     plots = dvc_json(project, "plots", "show")
     rendered = plots.get("data", plots)
@@ -290,6 +296,7 @@ def experiments(baseline, project) -> dict:
         if name == "rank8":  # the workspace now holds this experiment's results and its params.yaml
             state["rank8 params diff"] = git(project, "diff", "--unified=0", "params.yaml")
     state["rows"] = exp_show(project)
+    state["readme_table"] = dvc(project, *readme_exp_show()[1:], "--no-pager", columns=TERMINAL).stdout
     state["adapter_rank"] = json.loads((project / "models/finetune/adapter_config.json").read_text())["r"]
     state["run_record"] = json.loads((project / RUN_FILE).read_text())
     return state
@@ -334,6 +341,31 @@ def test_exp_show_lists_every_metric_for_workspace_commit_and_experiments(baseli
     committed = {**baseline["scores"], **baseline["summary"]}
     assert metrics_of(rows[head]) == {name: committed[name] for name in (*SCORES, *TRAIN_SUMMARY)}  # read from git
     assert metrics_of(rows["workspace"]) == metrics_of(rows["rank2"])
+
+
+TERMINAL = 150  # columns: a terminal the README's table must fit
+
+
+def readme_exp_show() -> list[str]:
+    """The README's `dvc exp show` command, as a user types it."""
+    import shlex
+
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("dvc exp show"))
+    return shlex.split(line.split("  #")[0])
+
+
+@pytest.mark.slow
+def test_the_readme_exp_show_table_fits_a_terminal_with_the_changed_param_and_the_scores(experiments):
+    """Metrics files hold numbers that compare, so the README's command shows what changed and the scores, no file
+    hashes, on one screen: nothing elided (rich's `…`), no line wider than the terminal."""
+    table = experiments["readme_table"]
+    lines = table.splitlines()
+    assert "…" not in table and max(map(len, lines)) <= TERMINAL, table
+    header = " ".join(line for line in lines[:4] if "Experiment" in line or "lora_dim" in line)
+    for column in ("lora_dim", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER", "best_valid_loss"):
+        assert column in header, (column, table)
+    assert "/" not in header and "base." not in header, table  # no file columns; the base alone did not change
+    assert all(name in table for name in ("workspace", "rank8", "rank2")), table
 
 
 @pytest.fixture(scope="module")
@@ -533,8 +565,9 @@ def test_small_metrics_and_plots_go_to_git_and_the_rest_to_the_dvc_cache(tmp_pat
 
     outs = {str(out.def_path): out for stage in stages for out in stage.outs}
     in_git = {path for path, out in outs.items() if not out.use_cache}
-    assert in_git == {*METRIC_FILES, *PLOT_FILES, MACHINE_FILE}
-    assert all(outs[path].metric or outs[path].plot for path in in_git - {MACHINE_FILE})
+    assert in_git == {*METRIC_FILES, *RECORD_FILES, *PLOT_FILES, MACHINE_FILE}
+    assert {path for path in in_git if outs[path].metric} == set(METRIC_FILES)
+    assert {path for path in in_git if outs[path].plot} == set(PLOT_FILES)
     assert not any(ignored(path) for path in in_git), [path for path in in_git if ignored(path)]
     assert all(ignored(path) for path in set(outs) - in_git), [path for path in set(outs) - in_git if not ignored(path)]
     run_file = yaml.safe_load((REPO / "params.yaml").read_text())["tracking"]["run_file"]

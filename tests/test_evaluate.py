@@ -355,7 +355,7 @@ def test_help_explains_every_option(capsys) -> None:
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--help"])
     text = capsys.readouterr().out
-    for option in ("--json", "--no_meteor", "--ref_type", "--mteval", "--nist", "--predictions", "--mlflow_run_file", "--examples",
+    for option in ("--json", "--scores_json", "--no_meteor", "--ref_type", "--mteval", "--nist", "--predictions", "--mlflow_run_file", "--examples",
                    "--base_examples"):
         assert option in text
 

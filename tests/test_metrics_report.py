@@ -80,8 +80,8 @@ def test_evaluate_stage_writes_ser_and_the_base_alone(tmp_path, monkeypatch, cap
     fake = types.ModuleType("steps.core.tracking")
     fake.log_predictions_table = lambda run, table: calls.append(table)
     monkeypatch.setitem(sys.modules, "steps.core.tracking", fake)
-    out = tmp_path / "eval.json"
-    argv = [str(tmp_path / "refs.txt"), str(tmp_path / "preds.txt"), "--no_meteor", "--json", str(out),
+    out, scores = tmp_path / "eval.json", tmp_path / "scores.json"
+    argv = [str(tmp_path / "refs.txt"), str(tmp_path / "preds.txt"), "--no_meteor", "--json", str(out), "--scores_json", str(scores),
             "--predictions", str(tmp_path / "predictions.jsonl"), "--base_pred_file", str(tmp_path / "base.txt"),
             "--mlflow_run_file", str(tmp_path / "run.json")]  # fmt: skip
     assert evaluate.main(argv) == 0
@@ -89,6 +89,10 @@ def test_evaluate_stage_writes_ser_and_the_base_alone(tmp_path, monkeypatch, cap
     assert record["SER"] == 0.0 and record["slot_errors"]["slots"] == 6
     assert record["base"]["SER"] == 4 / 6 and record["base"]["slot_errors"]["missing"] == 2
     assert record["BLEU"] > 3 * record["base"]["BLEU"] and set(record["base"]) == {"BLEU", "NIST", "ROUGE_L", "CIDEr", "SER", "slot_errors"}
+    # The DVC metric: the numbers that compare, the same values, nothing descriptive (counts, implementations)
+    compared = json.loads(scores.read_text())
+    assert compared == {**{k: record[k] for k in ("BLEU", "NIST", "ROUGE_L", "CIDEr", "SER")},
+                        "base": {k: record["base"][k] for k in ("BLEU", "NIST", "ROUGE_L", "CIDEr", "SER")}}
     table = calls[0]
     metrics = mlflow_metrics(record, ["BLEU", "NIST", "ROUGE_L", "CIDEr"])  # what the register stage logs
     assert metrics["SER"] == 0.0 and metrics["base.SER"] == 4 / 6 and metrics["base.BLEU"] == record["base"]["BLEU"]

@@ -81,6 +81,18 @@ def mlflow_metrics(record: Mapping[str, Any], metric_names: Sequence[str]) -> di
     return values
 
 
+def comparable(record: Mapping[str, Any], metric_names: Sequence[str]) -> dict[str, Any]:
+    """The numbers that compare across runs, for `dvc exp show` and `dvc metrics diff`: the metrics and SER, and the same
+    under `base`. How they were computed (implementations, counts, instance count) stays in the full record."""
+    def numbers(section: Mapping[str, Any]) -> dict[str, float]:
+        return {name: section[name] for name in (*metric_names, "SER") if name in section}
+
+    out: dict[str, Any] = numbers(record)
+    if isinstance(record.get(BASE_KEY), Mapping):
+        out[BASE_KEY] = numbers(record[BASE_KEY])
+    return out
+
+
 def headline(record: Mapping[str, Any]) -> str:
     """`SER 0.0312 (base alone: BLEU 0.0123, SER 0.9876)` for the stage's summary line; "" when neither is there."""
     parts = []
