@@ -1,9 +1,9 @@
 """The how-tos work as written: docs/pipeline.md's "Scheduled runs" commands, typed into separate new shells.
 
 Each documented command runs in its own `bash -c`, with the environment a user's new shell has after
-`. .venv/bin/activate` (HOME, PATH with the venv first; no PREFECT_* variables), so nothing carries over between
-shells except what Prefect itself keeps in the user's profile (`~/.prefect/profiles.toml`). What differs from typing
-them by hand, and why:
+`. .venv/bin/activate` (HOME, PATH with the venv first; no PREFECT_* variables) and the documented
+`export PREFECT_API_URL=...` typed first, so nothing carries over between shells; the user's Prefect profile
+(`~/.prefect/profiles.toml`) is checked to be left alone. What differs from typing them by hand, and why:
 - HOME is a temporary directory (the profile and the server's database are the test's own);
 - the port 4200 is replaced by a free one (another server may hold 4200 on a shared machine);
 - the commands run in a small DVC project whose params.yaml has the checkout's `schedule:` section, so the documented
@@ -11,10 +11,11 @@ them by hand, and why:
   stage), not this checkout; PYTHONPATH names this checkout so `python -m pipelines.schedule` is its code;
 - DO_NOT_TRACK=true and 2-second runner/worker polls (Prefect's default is 10 s), which change no behaviour tested.
 
-Before the fix, the docs exported PREFECT_API_URL in the server's shell only: `prefect deployment run` in another
-shell then started a temporary server on the same database (`~/.prefect/prefect.db`), printed "database is locked"
-and worked only by accident. The test checks that the documented commands are the ones it types, and that no shell
-starts a temporary server.
+Two earlier versions of the docs failed: exporting PREFECT_API_URL in the server's shell only (`prefect deployment
+run` in another shell then started a temporary server on the same database, printed "database is locked" and worked
+only by accident), then `prefect config set` (every later `dvc repro`, in any shell, needed the server). The test
+checks that the documented commands are the ones it types, that no shell starts a temporary server, and that the
+profile holds no API URL afterwards.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ DOC = REPO / "docs" / "pipeline.md"
 pytestmark = pytest.mark.slow
 
 # The commands as docs/pipeline.md writes them, one shell each (the test checks that the doc holds each line).
-CONFIGURE = "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api"
+CONFIGURE = "export PREFECT_API_URL=http://127.0.0.1:4200/api"  # first, in every shell of the how-to
 SERVER = "prefect server start --host 127.0.0.1 --port 4200 --analytics-off"
 SERVE = "python -m pipelines.schedule"
 WORK_POOL = "prefect work-pool create lora-nlg --type process"
@@ -60,8 +61,10 @@ def test_the_doc_holds_the_commands_this_test_types():
     section = scheduled_runs_section()
     missing = [command for command in (CONFIGURE, SERVER, SERVE, WORK_POOL, DEPLOY, WORKER, RUN_NOW, LIST) if command not in section]
     assert not missing, f"docs/pipeline.md 'Scheduled runs' no longer says {missing}; update the doc or this test"
-    # The server's own shell is not the only one that knows where the server is.
-    assert "export PREFECT_API_URL" not in section.split(CONFIGURE)[0], "the API URL must be set for every shell, before the server"
+    # Every shell knows where the server is, and the user's Prefect profile is left alone (plain `dvc repro` elsewhere
+    # must not need this server).
+    assert section.index(CONFIGURE) < section.index(SERVER) and "every shell" in section.split(CONFIGURE)[0]
+    assert not any(line.strip().startswith("prefect config set") for line in section.splitlines())
 
 
 class Shells:
@@ -90,7 +93,12 @@ class Shells:
         print(f"{time.monotonic() - self.started:5.1f}s since the first shell: {what}")
 
     def typed(self, command: str) -> str:
-        return command.replace("4200", str(self.port))
+        """The command as typed in a new shell of the how-to: the documented export first."""
+        return f"{CONFIGURE}; {command}".replace("4200", str(self.port))
+
+    @property
+    def api_env(self) -> dict[str, str]:
+        return {**self.env, "PREFECT_API_URL": f"http://127.0.0.1:{self.port}/api"}
 
     def run(self, command: str, timeout: float = 180) -> str:
         """Type one command in a new shell and wait for it; returns its output (stdout and stderr)."""
@@ -173,7 +181,6 @@ def test_scheduled_runs_as_documented_each_command_in_a_new_shell(tmp_path, smal
     name = f"pipeline/{schedule['deployment']}"  # pipeline/nightly-repro, as the doc says
     (tmp_path / "home").mkdir()
     shells = Shells(tmp_path / "home", small_project, free_port())
-    shells.run(CONFIGURE)  # once
     server, server_log = shells.start(SERVER, "server")  # shell 1
     try:
         wait_until(lambda: healthy(shells.port), 180, "the prefect server", server, server_log)
@@ -185,7 +192,7 @@ def test_scheduled_runs_as_documented_each_command_in_a_new_shell(tmp_path, smal
                 (schedule["cron"], schedule["timezone"], True)], deployment["schedules"]
             assert name in shells.run(LIST)
             output = shells.run(RUN_NOW)  # shell 3
-            run = wait_for_run(shells.env, flow_run_id(output))
+            run = wait_for_run(shells.api_env, flow_run_id(output))
             shells.mark(f"served run {run['state']}")
             assert run["state"] == "COMPLETED", (run, serve_log.read_text()[-3000:])
             assert (small_project / "out.txt").read_text() == "42"
@@ -204,7 +211,7 @@ def test_scheduled_runs_as_documented_each_command_in_a_new_shell(tmp_path, smal
         worker, worker_log = shells.start(WORKER, "worker")
         try:
             output = shells.run(RUN_NOW)
-            run = wait_for_run(shells.env, flow_run_id(output))
+            run = wait_for_run(shells.api_env, flow_run_id(output))
             shells.mark(f"worker run {run['state']}")
             assert run["state"] == "COMPLETED", (run, worker_log.read_text()[-3000:])
             assert (small_project / "out.txt").read_text() == "100"
@@ -214,3 +221,5 @@ def test_scheduled_runs_as_documented_each_command_in_a_new_shell(tmp_path, smal
         assert not any(s in worker_log.read_text() for s in NO_TEMPORARY_SERVER), worker_log.read_text()[-3000:]
     finally:
         ctrl_c(server)
+    profiles = tmp_path / "home/.prefect/profiles.toml"  # the user's profile: a plain `dvc repro` elsewhere stays offline
+    assert not profiles.exists() or "PREFECT_API_URL" not in profiles.read_text(), profiles.read_text()
