@@ -70,6 +70,9 @@ def stop_pids(pids: Sequence[int], grace_s: float = STOP_GRACE_S, term: Sequence
         time.sleep(0.05)
     left = [pid for pid in pids if alive(pid)]
     _signal(left, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0  # SIGKILL lands asynchronously: return once they are gone, not just signalled
+    while any(alive(pid) for pid in left) and time.monotonic() < deadline:
+        time.sleep(0.02)
     return left
 
 

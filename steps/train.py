@@ -359,8 +359,8 @@ class Trainer:
         write_json(self.work.summary, {**summary, **machine})
         if self.cfg.machine_file:
             write_json(self.cfg.machine_file, machine)
-        if self.cfg.summary_file:
-            write_json(self.cfg.summary_file, summary)
+        if self.cfg.summary_file:  # the numbers that compare across runs; the rest describes the run (work dir, MLflow)
+            write_json(self.cfg.summary_file, {key: summary[key] for key in ("best_valid_loss", "final_train_loss")})
         if self.cfg.plots_dir:
             reports.write_plots(self.work, self.cfg.plots_dir)
             self.tracker.log_artifacts(self.cfg.plots_dir, "plots")

@@ -147,7 +147,8 @@ def test_flow_run_completes_and_writes_its_outputs(first_run, project):
     train_rows = (project / "first/train_loss.csv").read_text().splitlines()
     assert train_rows[0] == "step,loss,nll" and [r.split(",")[0] for r in train_rows[1:]] == ["4", "8", "12"]
     assert [r.split(",")[0] for r in (project / "first/valid_loss.csv").read_text().splitlines()[1:]] == ["6", "12"]
-    assert json.loads((project / "first/train_summary.json").read_text())["steps"] == 12
+    assert json.loads((project / "models/first/summary.json").read_text())["steps"] == 12
+    assert set(json.loads((project / "first/train_summary.json").read_text())) == {"best_valid_loss", "final_train_loss"}
     assert (project / "first/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

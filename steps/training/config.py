@@ -156,7 +156,8 @@ class TrainConfig:
     work_dir: str = option(None, "output directory", RUN, default_factory=lambda: os.environ.get("PT_OUTPUT_DIR", "gpt2_model"))
     resume: str = option("auto", "auto: continue from work_dir/resume/state.pt when it exists", RUN, choices=("auto", "never"))
     plots_dir: str | None = option(None, "also write train_loss.csv, valid_loss.csv and loss.png here (the pipeline's DVC plots)", RUN)
-    summary_file: str | None = option(None, "also write the run summary JSON here (the pipeline's DVC metric)", RUN)
+    summary_file: str | None = option(None, "also write the summary's numbers that compare across runs (best_valid_loss, "
+                                             "final_train_loss) as JSON here (the pipeline's DVC metric)", RUN)
     machine_file: str | None = option(None, "also write where the run computed (CPU model and ISA or GPU, torch, threads, "
                                       "precision) here as JSON: results are reproducible to the bit on the same kind of machine", RUN)
     cuda_graphs: str = option("auto", "record each update (forward, backward, AdamW) as CUDA graphs, one per length bucket, "
