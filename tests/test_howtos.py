@@ -223,3 +223,66 @@ def test_scheduled_runs_as_documented_each_command_in_a_new_shell(tmp_path, smal
         ctrl_c(server)
     profiles = tmp_path / "home/.prefect/profiles.toml"  # the user's profile: a plain `dvc repro` elsewhere stays offline
     assert not profiles.exists() or "PREFECT_API_URL" not in profiles.read_text(), profiles.read_text()
+
+
+def peft_howto() -> tuple[str, list[str], str]:
+    """docs/export.md, as written: the PEFT export command, the shell lines that make the stand-in's Hugging Face
+    directory, and the Python that loads both."""
+    text = (REPO / "docs" / "export.md").read_text(encoding="utf-8")
+
+    def block(kind: str, after: str) -> str:
+        start = text.index(f"```{kind}\n", text.index(after)) + len(kind) + 4
+        return text[start:text.index("```", start)]
+
+    export_line = block("bash", "## To PEFT").strip()
+    return export_line, [line for line in block("bash", "needs a Hugging Face directory first").splitlines() if line.strip()], \
+        block("python", "needs a Hugging Face directory first")
+
+
+def test_the_peft_howto_runs_offline_as_written_outside_git_and_dvc_outputs(tmp_path):
+    """Export the default run's kind of adapter (the stand-in base's) to PEFT and load it with transformers + peft,
+    typing the doc's commands: offline (no hub), nothing written outside exports/, and the PEFT model's logits are
+    ours."""
+    pytest.importorskip("peft")
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    from steps.formats.checkpoints import adapter_config, base_identity, load_base_weights, save_adapter
+    from steps.model.gpt2 import CARDS, GPT2
+    from steps.model.lora import LoRAConfig
+
+    project = tmp_path / "project"
+    base = project / "data/base/standin.safetensors"
+    base.parent.mkdir(parents=True)
+    shutil.copy(REPO / "data/base/standin.safetensors", base)
+    model = GPT2(CARDS["gpt2.tiny"], LoRAConfig(r=4, alpha=32, targets=("q", "v")))
+    load_base_weights(model, base)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # as after training: B is not zero
+        for block in model.h:
+            block.attn.c_attn.lora_B.copy_(torch.randn(block.attn.c_attn.lora_B.shape, generator=generator) * 0.5)
+    save_adapter(model, project / "models/finetune", adapter_config(model, "gpt2.tiny", base_identity(base), step=1, epoch=1))
+    before = sorted(str(p.relative_to(project)) for p in project.rglob("*"))
+
+    export_line, base_lines, python = peft_howto()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    for line in [export_line, *base_lines]:
+        done = subprocess.run(["bash", "-c", line], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (line, done.stderr[-3000:])
+    done = subprocess.run([sys.executable, "-c", python], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip(), "the doc's generate printed nothing"
+    after = sorted(str(p.relative_to(project)) for p in project.rglob("*") if p.relative_to(project).parts[0] != "exports")
+    assert after == before  # exports/ only: nothing inside data/ or the DVC outputs
+
+    hf_base = GPT2LMHeadModel.from_pretrained(project / "exports/standin-base", dtype=torch.float32)  # as the doc loads it
+    peft_model = PeftModel.from_pretrained(hf_base, project / "exports/peft").eval()
+    ids = torch.tensor([[464, 1049, 318, 257, 50256, 383]])
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+        ours = model.eval()(ids)
+        ours = ours[0] if isinstance(ours, tuple) else ours
+    assert (theirs - ours).abs().max().item() < 1e-4
