@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["sample", "prepare", "encode", "finetune", "decode", "decode_base", "evaluate", "register"]
+STAGES = ["fetch", "sample", "prepare", "encode", "finetune", "decode", "decode_base", "evaluate", "register"]
+FETCHED = "data/fetched.json"  # the fetch stage's record, in git: `{"enabled": false}` by default
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 TRAIN_SUMMARY = ("best_valid_loss", "final_train_loss")
 METRIC_FILES = ("metrics/scores.json", "metrics/train_summary.json")  # what `dvc exp show` and `dvc metrics diff` compare
@@ -416,9 +417,10 @@ def test_a_fresh_clone_reproduces_the_committed_results(applied, project, tmp_pa
     subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
     assert not (clone / ".dvc/cache").exists()
     result = dvc(clone, "repro")
-    for stage in STAGES[:-2]:
+    for stage in STAGES[1:-2]:
         assert f"Running stage '{stage}'" in result.stdout, stage
-    # decode wrote the same outputs/ and metrics/eval.json is in git: DVC has nothing to rerun evaluate for, nor
+    # fetch's record is in git and nothing it depends on changed, so it is skipped; decode wrote the same outputs/
+    # and metrics/eval.json is in git: DVC has nothing to rerun evaluate for, nor
     # register (metrics/register.json is in git); `dvc repro -f register` registers the adapter in the clone's own store
     assert "Stage 'evaluate' didn't change, skipping" in result.stdout
     assert "Stage 'register' didn't change, skipping" in result.stdout
@@ -566,7 +568,7 @@ def test_small_metrics_and_plots_go_to_git_and_the_rest_to_the_dvc_cache(tmp_pat
 
     outs = {str(out.def_path): out for stage in stages for out in stage.outs}
     in_git = {path for path, out in outs.items() if not out.use_cache}
-    assert in_git == {*METRIC_FILES, *RECORD_FILES, *PLOT_FILES, MACHINE_FILE}
+    assert in_git == {*METRIC_FILES, *RECORD_FILES, *PLOT_FILES, MACHINE_FILE, FETCHED}
     assert {path for path in in_git if outs[path].metric} == set(METRIC_FILES)
     assert {path for path in in_git if outs[path].plot} == set(PLOT_FILES)
     assert not any(ignored(path) for path in in_git), [path for path in in_git if ignored(path)]
