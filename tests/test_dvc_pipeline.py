@@ -422,6 +422,7 @@ def test_a_fresh_clone_reproduces_the_committed_results(applied, project, tmp_pa
     # fetch's record is in git and nothing it depends on changed, so it is skipped; decode wrote the same outputs/
     # and metrics/eval.json is in git: DVC has nothing to rerun evaluate for, nor
     # register (metrics/register.json is in git); `dvc repro -f register` registers the adapter in the clone's own store
+    assert "Stage 'fetch' didn't change, skipping" in result.stdout
     assert "Stage 'evaluate' didn't change, skipping" in result.stdout
     assert "Stage 'register' didn't change, skipping" in result.stdout
     assert git(clone, "status", "--porcelain") == "", git(clone, "diff")
