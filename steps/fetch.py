@@ -131,9 +131,11 @@ def fetch_weights(card: str, link: Path, revision: str | None = None, say=print)
     revision = revision or pinned.revision
     by_hand = (f"download {pinned.repo_id}/{pinned.filename} yourself and point finetune.init_checkpoint at it, or set "
                "HF_ENDPOINT to a mirror")
-    if link.is_file() and pinned.sha256 is not None and sha256_file(link) == pinned.sha256:
-        say(f"fetch: {link} is there and checks out (sha256 {pinned.sha256[:12]})")
-        return {"file": str(link), "repo_id": pinned.repo_id, "revision": revision, "sha256": pinned.sha256}
+    if link.is_file():  # fetched before: checked again without the network, against the pin or the hub's blob name
+        known = pinned.sha256 if revision == pinned.revision and pinned.sha256 else link.resolve().name
+        if len(known) == 64 and sha256_file(link) == known:
+            say(f"fetch: {link} is there and checks out (sha256 {known[:12]})")
+            return {"file": str(link), "repo_id": pinned.repo_id, "revision": revision, "sha256": known}
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url

@@ -97,6 +97,11 @@ def test_weights_download_through_the_hub_client_are_checked_and_linked(tmp_path
     record = json.loads((tmp_path / "fetched.json").read_text())["weights"]
     assert record == {"file": "pretrained/md/model.safetensors", "repo_id": "openai-community/gpt2-medium",
                       "revision": fetch.WEIGHTS["gpt2.md"].revision, "sha256": hashlib.sha256(WEIGHTS).hexdigest()}
+    # Again, with no network: the linked file is checked against the sha256 the hub named it by, and kept.
+    again = run_fetch(tmp_path, "--weights", "gpt2.md", "--weights_path", "pretrained/md/model.safetensors",
+                      "--manifest", "again.json")
+    assert again.returncode == 0 and "is there and checks out" in again.stdout, again.stderr
+    assert json.loads((tmp_path / "again.json").read_text())["weights"] == record
 
 
 def test_a_weights_file_that_is_not_what_the_hub_says_is_refused_and_removed(tmp_path):
