@@ -88,7 +88,7 @@ def experiment_id_for(client: MlflowClient, cfg: FinetuneConfig) -> str:
             raise InputError(f"MLflow experiment '{found.name}' is deleted; restore it (mlflow experiments restore) or rename "
                              "tracking.experiment", cfg.params_file)
         return found.experiment_id
-    location = (cfg.project_dir / "mlruns").as_uri() if cfg.tracking_uri.startswith("sqlite:") else None
+    location = (settings.store_root(cfg.project_dir) / "mlruns").as_uri() if cfg.tracking_uri.startswith("sqlite:") else None
     return client.create_experiment(cfg.tracking["experiment"], artifact_location=location, tags=EXPERIMENT_TAGS)
 
 

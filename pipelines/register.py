@@ -18,11 +18,14 @@ metrics/register.json (a DVC metric, committed with git) records the version, wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -221,28 +224,49 @@ def register(cfg: FinetuneConfig, chosen: RegisterSettings, scores: dict[str, fl
     values = report.mlflow_metrics(evaluated, SCORES)
     client.log_batch(run_id, metrics=[Metric(f"eval/{name}", value, now_ms, 0, model_id=info.model_id) for name, value in values.items()],
                      synchronous=True)
-    try:
-        client.get_registered_model(chosen.model)
-    except MlflowException:  # the first version of this name
-        client.create_registered_model(chosen.model)
-    # The registry looks the logged model up through MLflow's process-wide tracking store, not this client's.
-    with packaging.fluent_store(cfg.tracking_uri):
-        version = client.create_model_version(chosen.model, info.model_uri, run_id=run_id, model_id=info.model_id,
-                                              tags=version_tags(cfg, run_id, scores, test_data))
-    number = int(version.version)
-    champion = current_champion(client, chosen.model, chosen.champion_alias)
-    client.set_registered_model_alias(chosen.model, chosen.candidate_alias, number)
-    verdict = judge(chosen.metric, number, scores, test_data, champion)
-    moved = [chosen.candidate_alias]
-    if verdict.takes_champion:
-        client.set_registered_model_alias(chosen.model, chosen.champion_alias, number)
-        moved.append(chosen.champion_alias)
+    with registry_lock(cfg.tracking_uri):  # two experiments of a queue may finish at once: one judges at a time
+        try:
+            client.get_registered_model(chosen.model)
+        except MlflowException:  # the first version of this name
+            client.create_registered_model(chosen.model)
+        # The registry looks the logged model up through MLflow's process-wide tracking store, not this client's.
+        with packaging.fluent_store(cfg.tracking_uri):
+            version = client.create_model_version(chosen.model, info.model_uri, run_id=run_id, model_id=info.model_id,
+                                                  tags=version_tags(cfg, run_id, scores, test_data))
+        number = int(version.version)
+        champion = current_champion(client, chosen.model, chosen.champion_alias)
+        client.set_registered_model_alias(chosen.model, chosen.candidate_alias, number)
+        verdict = judge(chosen.metric, number, scores, test_data, champion)
+        moved = [chosen.candidate_alias]
+        if verdict.takes_champion:
+            client.set_registered_model_alias(chosen.model, chosen.champion_alias, number)
+            moved.append(chosen.champion_alias)
     # Scalars only: `dvc metrics show` and `dvc exp show` drop lists.
     return {
         "model": chosen.model, "version": number, "aliases_moved": " ".join(f"@{alias}" for alias in moved),
         "champion_version": number if verdict.takes_champion else int(champion.version),
         "metric": chosen.metric, "score": scores[chosen.metric], "reason": verdict.reason, "run_id": run_id,
     }
+
+
+@contextlib.contextmanager
+def registry_lock(uri: str) -> Iterator[None]:
+    """With the local SQLite store, an OS lock next to it around reading the champion and moving the aliases, so two
+    registers finishing together (a DVC queue with two workers) judge one after the other: each against the champion
+    the other left. (A tracking server has no such lock: register one at a time there.)"""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri[len(prefix):]).with_suffix(".registry.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        yield
+    finally:
+        os.close(fd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -130,6 +130,18 @@ def resolve_path(project_dir: Path, value: str | os.PathLike) -> Path:
     return path if path.is_absolute() else project_dir / path
 
 
+def store_root(project_dir: Path) -> Path:
+    """Where the project's local stores (the SQLite MLflow store, mlruns/) live: the project itself, or, for an
+    experiment DVC's queue runs in a temporary copy (`<project>/.dvc/tmp/exps/...`), the project it was queued from
+    (DVC sets DVC_ROOT to it), so every queued run lands in the project's store, not in a copy deleted afterwards."""
+    root = os.environ.get("DVC_ROOT")
+    if root:
+        with contextlib.suppress(ValueError):
+            Path(project_dir).resolve().relative_to(Path(root).resolve() / ".dvc" / "tmp" / "exps")
+            return Path(root).resolve()
+    return project_dir
+
+
 def tracking_uri(tracking: dict[str, Any], project_dir: Path) -> str:
     """MLFLOW_TRACKING_URI wins, then tracking.tracking_uri from params.yaml.
 
@@ -139,7 +151,7 @@ def tracking_uri(tracking: dict[str, Any], project_dir: Path) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking["tracking_uri"]
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(resolve_path(project_dir, uri[len(prefix) :]))
+        uri = prefix + str(resolve_path(store_root(project_dir), uri[len(prefix) :]))
     return uri
 
 
