@@ -115,9 +115,8 @@ def metrics_of(row: dict) -> dict[str, float]:
             **{name: row["metrics"].get("metrics/train_summary.json", {}).get(name) for name in TRAIN_SUMMARY}}
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("repro") / "project"
+def tiny_project(root: Path) -> Path:
+    """A git repository holding this checkout's tracked and unignored files, with the TINY settings, committed."""
     root.mkdir()
     copy_working_tree(root)
     set_params(root / "params.yaml", TINY)
@@ -127,6 +126,11 @@ def project(tmp_path_factory) -> Path:
     git(root, "add", "-A")
     git(root, "commit", "-qm", "copy of the project")
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return tiny_project(tmp_path_factory.mktemp("repro") / "project")
 
 
 # The slow tests share one project and walk it through a user's session. Each step that changes the project is a

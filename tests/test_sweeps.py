@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from test_dvc_pipeline import TINY, copy_working_tree, dvc, git, set_params
+from test_dvc_pipeline import dvc, git, tiny_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 SWEEP = {"r2": ["-S", "finetune.lora_dim=2"], "r8": ["-S", "finetune.lora_dim=8"], "lr": ["-S", "finetune.lr=0.02"]}
@@ -20,15 +20,7 @@ SWEEP = {"r2": ["-S", "finetune.lora_dim=2"], "r8": ["-S", "finetune.lora_dim=8"
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory) -> dict:
-    project = tmp_path_factory.mktemp("sweep") / "project"
-    project.mkdir()
-    copy_working_tree(project)
-    set_params(project / "params.yaml", TINY)
-    git(project, "init", "-q")
-    git(project, "config", "user.name", "test")
-    git(project, "config", "user.email", "test@example.com")
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "copy of the project")
+    project = tiny_project(tmp_path_factory.mktemp("sweep") / "project")
     dvc(project, "repro")
     git(project, "add", "-A")
     git(project, "commit", "-qm", "baseline")
