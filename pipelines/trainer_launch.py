@@ -126,14 +126,15 @@ def run_trainer(cfg: FinetuneConfig, run_id: str | None, on_line: Callable[[str]
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
         cfg.work.status.unlink(missing_ok=True)  # a status left by an earlier run must not decide about this one
     # torchrun writes why it failed here; nothing is created for a launch without torchrun (the usual one)
-    error_dir = Path(tempfile.mkdtemp(prefix="nlg-torchrun-")) if launches_torchrun(cfg) else None
+    torchrun = launches_torchrun(cfg)
+    error_dir = Path(tempfile.mkdtemp(prefix="nlg-torchrun-")) if torchrun else None
     error_file = error_dir / "error.json" if error_dir else None
     commands = trainer_commands(cfg, run_id, error_file)
     lock_fd = held_lock(cfg.work_dir)
-    if launches_torchrun(cfg) and not rendezvous_on_loopback(cfg.launch["torchrun"]):
+    if torchrun and not rendezvous_on_loopback(cfg.launch["torchrun"]):
         on_line(exposure_warning(cfg.launch["torchrun"]))
     on_line(f"launching: {' '.join(commands[0][0])}" + (f" (x{len(commands)} processes)" if len(commands) > 1 else ""))
-    if launches_torchrun(cfg):  # torchrun arms no parent-death signal itself: it gets SIGTERM when this flow ends
+    if torchrun:  # torchrun arms no parent-death signal itself: it gets SIGTERM when this flow ends
         commands = [(shell.with_parent_death_signal(argv), env) for argv, env in commands]
     try:
         returncode = shell.stream_all(commands, cfg.project_dir, on_line, pass_fds=() if lock_fd is None else (lock_fd,))
